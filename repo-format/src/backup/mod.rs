@@ -1,0 +1,268 @@
+//! Backup: walk → read/chunk/id → seal/verify → pack → catalog, on all cores.
+//!
+//! Threads and bounded channels (memory is bounded by what is in flight,
+//! never by the number or size of files):
+//!
+//! ```text
+//! walker (caller's thread) ──FileJob──► file workers ──RawBlob──► seal workers ──SealedBlob──► packer
+//!        │                                   │ (reply, one per file)                               │
+//!        └──BuildItem (walk order)──► tree builder ──tree blobs────────────────────────────────────┘
+//! ```
+//!
+//! The walker lists each directory sorted by name and sends the tree builder
+//! one item per entry in that order: ready entries (unchanged files taken from
+//! the parent snapshot, symlinks, special files) or a pending reply from the
+//! file worker reading that file. The builder assembles each directory's tree
+//! bottom-up as its end marker arrives, so trees are deterministic while files
+//! are read in parallel. Chunks are claimed once per backup (a session set in
+//! front of the catalog) so no chunk is sealed twice.
+//!
+//! Commit order (DESIGN.md invariant 1): packs are fsynced and catalogued as
+//! they fill; the snapshot file and row are written only after the packer has
+//! made the last pack durable. A failure anywhere aborts before that point:
+//! whatever packs were written stay as unreferenced (harmless) data.
+
+mod stages;
+mod walk;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::catalog::Catalog;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::repo::Repository;
+use crate::snapshot::{BackupIssue, Snapshot, SnapshotStats};
+
+/// Most issues recorded in a snapshot; the rest are counted.
+const MAX_ISSUES: usize = 1000;
+
+/// Which snapshot to compare against to skip unchanged files.
+#[derive(Debug, Clone, Default)]
+pub enum ParentChoice {
+    /// The latest snapshot of the same host and paths.
+    #[default]
+    Auto,
+    /// None: read every file.
+    None,
+    /// This one.
+    Snapshot(Id),
+}
+
+/// Live counters a caller can poll to draw progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Entries walked so far.
+    pub entries: AtomicU64,
+    /// Files whose content is done (read or taken from the parent).
+    pub files_done: AtomicU64,
+    /// Bytes of file content done.
+    pub bytes_done: AtomicU64,
+    /// Sealed bytes written to packs.
+    pub bytes_stored: AtomicU64,
+}
+
+/// Options of one backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Parent snapshot choice.
+    pub parent: ParentChoice,
+    /// Threads per CPU stage (reading/chunking and sealing).
+    pub threads: usize,
+    /// Host name recorded in the snapshot.
+    pub hostname: String,
+    /// Optional live progress counters.
+    pub progress: Option<Arc<Progress>>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            parent: ParentChoice::Auto,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            hostname: hostname(),
+            progress: None,
+        }
+    }
+}
+
+/// The host's name, from /proc or the environment.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The result of a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    /// Id of the committed snapshot.
+    pub id: Id,
+    /// The snapshot as committed.
+    pub snapshot: Snapshot,
+}
+
+/// State shared by every stage of one backup.
+pub(crate) struct Shared<'r> {
+    pub(crate) repo: &'r Repository,
+    abort: AtomicBool,
+    fatal: Mutex<Option<Error>>,
+    /// Ids claimed by this backup and not yet catalogued.
+    pending: Mutex<HashSet<Id>>,
+    issues: Mutex<Vec<BackupIssue>>,
+    issues_dropped: AtomicU64,
+    pub(crate) progress: Arc<Progress>,
+    pub(crate) files_unchanged: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) new_blobs: AtomicU64,
+    pub(crate) new_bytes: AtomicU64,
+    pub(crate) new_bytes_stored: AtomicU64,
+}
+
+impl<'r> Shared<'r> {
+    fn new(repo: &'r Repository, progress: Arc<Progress>) -> Self {
+        Shared {
+            repo,
+            abort: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+            pending: Mutex::new(HashSet::new()),
+            issues: Mutex::new(Vec::new()),
+            issues_dropped: AtomicU64::new(0),
+            progress,
+            files_unchanged: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            new_blobs: AtomicU64::new(0),
+            new_bytes: AtomicU64::new(0),
+            new_bytes_stored: AtomicU64::new(0),
+        }
+    }
+
+    /// Record a fatal error (the first one wins) and make every stage drain and stop.
+    pub(crate) fn fail(&self, e: Error) {
+        if let Ok(mut f) = self.fatal.lock()
+            && f.is_none()
+        {
+            *f = Some(e);
+        }
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+
+    /// Record a path that could not be backed up as it was.
+    pub(crate) fn issue(&self, path: &Path, reason: impl Into<String>) {
+        if let Ok(mut v) = self.issues.lock() {
+            if v.len() < MAX_ISSUES {
+                v.push(BackupIssue {
+                    path: path.to_string_lossy().into_owned(),
+                    reason: reason.into(),
+                });
+            } else {
+                self.issues_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// True when the caller must store blob `id`: it is neither catalogued nor
+    /// already claimed by this backup. (A race with a concurrent writer can
+    /// store a blob twice; the catalog keeps the first copy.)
+    pub(crate) fn claim(&self, id: &Id, reader: &Catalog) -> Result<bool> {
+        let lock = || {
+            self.pending
+                .lock()
+                .map_err(|_| Error::Pipeline("pending set poisoned".into()))
+        };
+        if lock()?.contains(id) || reader.contains(id)? {
+            return Ok(false);
+        }
+        Ok(lock()?.insert(*id))
+    }
+
+    /// Forget ids that are now catalogued.
+    pub(crate) fn release(&self, ids: impl Iterator<Item = Id>) {
+        if let Ok(mut p) = self.pending.lock() {
+            for id in ids {
+                p.remove(&id);
+            }
+        }
+    }
+}
+
+/// Back up `paths` into `repo` and commit a snapshot.
+///
+/// Each path becomes an entry of the snapshot's root tree, named by its last
+/// component (two paths with the same last component are refused). Unreadable
+/// files and files that change while read are recorded as issues and the
+/// backup goes on; the snapshot is then partial ([`Snapshot::is_partial`]).
+pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    let time_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    let roots = walk::resolve_roots(paths)?;
+    let abs_paths: Vec<String> = roots
+        .iter()
+        .map(|(_, p)| p.to_string_lossy().into_owned())
+        .collect();
+    let parent = match &opts.parent {
+        ParentChoice::None => None,
+        ParentChoice::Snapshot(id) => Some(*id),
+        ParentChoice::Auto => {
+            let mut want = abs_paths.clone();
+            want.sort();
+            repo.snapshots()?
+                .into_iter()
+                .rev()
+                .find(|(_, s)| {
+                    let mut p = s.paths.clone();
+                    p.sort();
+                    p == want && s.hostname == opts.hostname
+                })
+                .map(|(id, _)| id)
+        }
+    };
+    let parent_tree = match parent {
+        Some(id) => {
+            let (_, snap) = repo.find_snapshot(&id.to_hex())?;
+            Some(repo.read_tree(&snap.tree)?)
+        }
+        None => None,
+    };
+
+    let progress = opts.progress.clone().unwrap_or_default();
+    let shared = Shared::new(repo, progress);
+    let (root, counts) = stages::run(&shared, roots, parent_tree, opts.threads.max(1))?;
+
+    let stats = SnapshotStats {
+        files: counts.files,
+        dirs: counts.dirs,
+        others: counts.others,
+        bytes: counts.bytes,
+        files_unchanged: shared.files_unchanged.load(Ordering::Relaxed),
+        bytes_read: shared.bytes_read.load(Ordering::Relaxed),
+        new_blobs: shared.new_blobs.load(Ordering::Relaxed),
+        new_bytes: shared.new_bytes.load(Ordering::Relaxed),
+        new_bytes_stored: shared.new_bytes_stored.load(Ordering::Relaxed),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    let issues = shared.issues.lock().map(|v| v.clone()).unwrap_or_default();
+    let snapshot = Snapshot {
+        time_ns,
+        hostname: opts.hostname.clone(),
+        paths: abs_paths,
+        tree: root,
+        parent,
+        stats,
+        issues,
+        issues_dropped: shared.issues_dropped.load(Ordering::Relaxed),
+    };
+    let id = repo.commit_snapshot(&snapshot)?;
+    Ok(BackupOutcome { id, snapshot })
+}

@@ -1,0 +1,397 @@
+//! The pipeline's threads: file workers, seal workers, the packer and the
+//! tree builder, and [`run`], which wires them with bounded channels.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::backup::Shared;
+use crate::backup::walk::Walker;
+use crate::blob::{BlobKind, Sealer};
+use crate::catalog::Catalog;
+use crate::chunker::Chunker;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::meta;
+use crate::pack::writer::PackWriter;
+use crate::tree::{self, Entry, EntryKind};
+
+/// A file to read, with its `lstat` metadata already in `entry`.
+pub(crate) struct FileJob {
+    pub(crate) path: PathBuf,
+    pub(crate) entry: Entry,
+    /// The finished entry, or `None` when the file could not be read (an issue was recorded).
+    pub(crate) reply: Sender<Option<Entry>>,
+}
+
+/// A chunk or tree to seal.
+pub(crate) struct RawBlob {
+    kind: BlobKind,
+    id: Id,
+    data: Vec<u8>,
+}
+
+/// A sealed blob for the packer.
+pub(crate) struct SealedBlob {
+    kind: BlobKind,
+    id: Id,
+    sealed: Vec<u8>,
+    raw_len: u32,
+}
+
+/// What the tree builder receives, in walk order.
+pub(crate) enum BuildItem {
+    /// A directory begins; its entries follow until the matching `End`.
+    Start(Entry),
+    /// An entry whose metadata and content are final.
+    Ready(Entry),
+    /// A file being read by a worker.
+    Pending(Receiver<Option<Entry>>),
+    /// The innermost open directory is complete.
+    End,
+}
+
+/// Totals of the snapshot's content, counted by the builder.
+#[derive(Default)]
+pub(crate) struct Counts {
+    pub(crate) files: u64,
+    pub(crate) dirs: u64,
+    pub(crate) others: u64,
+    pub(crate) bytes: u64,
+}
+
+/// Run the whole pipeline; returns the root tree id and the content totals.
+pub(crate) fn run(
+    shared: &Shared<'_>,
+    roots: Vec<(Vec<u8>, PathBuf)>,
+    parent_root: Option<Vec<Entry>>,
+    threads: usize,
+) -> Result<(Id, Counts)> {
+    let repo = shared.repo;
+    // Fail early, before any thread starts, if the content key is absent.
+    repo.keys().content()?;
+    let cat_path = repo.catalog_path();
+    let (file_tx, file_rx) = bounded::<FileJob>(threads * 8);
+    let (seal_tx, seal_rx) = bounded::<RawBlob>(threads * 2);
+    let (pack_tx, pack_rx) = bounded::<SealedBlob>(threads * 2);
+    let (build_tx, build_rx) = bounded::<BuildItem>(4096);
+
+    let result = std::thread::scope(|s| -> Result<(Id, Counts)> {
+        let packer = s.spawn(|| packer(shared, pack_rx));
+        for _ in 0..threads {
+            let rx = seal_rx.clone();
+            let tx = pack_tx.clone();
+            s.spawn(move || seal_worker(shared, rx, tx));
+        }
+        drop(seal_rx);
+        for _ in 0..threads {
+            let rx = file_rx.clone();
+            let tx = seal_tx.clone();
+            let cat_path = cat_path.clone();
+            s.spawn(move || file_worker(shared, rx, tx, &cat_path));
+        }
+        drop(file_rx);
+        drop(seal_tx);
+        let ptx = pack_tx.clone();
+        let builder = s.spawn(move || {
+            tree_builder(shared, build_rx, ptx).inspect_err(|e| {
+                shared.fail(Error::Pipeline(format!("tree builder: {e}")));
+            })
+        });
+        drop(pack_tx);
+
+        let walk = Walker::new(shared, file_tx, build_tx).run(roots, parent_root);
+        if let Err(e) = walk {
+            shared.fail(e);
+        }
+        let root = builder
+            .join()
+            .map_err(|_| Error::Pipeline("tree builder panicked".into()))?;
+        packer
+            .join()
+            .map_err(|_| Error::Pipeline("packer panicked".into()))?;
+        root
+    });
+    // A recorded fatal error wins over the secondary errors it caused.
+    if let Some(e) = shared.fatal.lock().ok().and_then(|mut f| f.take()) {
+        return Err(e);
+    }
+    result
+}
+
+fn file_worker(
+    shared: &Shared<'_>,
+    rx: Receiver<FileJob>,
+    tx: Sender<RawBlob>,
+    cat: &std::path::Path,
+) {
+    let reader = match Catalog::open_reader(cat) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            shared.fail(e);
+            None
+        }
+    };
+    for job in rx {
+        // After an abort keep draining so the walker never blocks.
+        let Some(reader) = reader.as_ref().filter(|_| !shared.aborted()) else {
+            continue;
+        };
+        match read_file(shared, &job, reader, &tx) {
+            Ok(entry) => {
+                let _ = job.reply.send(entry);
+            }
+            Err(e) => shared.fail(e),
+        }
+    }
+}
+
+/// Read, chunk and claim one file. `Ok(None)` = unreadable (issue recorded);
+/// `Err` = the backup must stop.
+fn read_file(
+    shared: &Shared<'_>,
+    job: &FileJob,
+    reader: &Catalog,
+    tx: &Sender<RawBlob>,
+) -> Result<Option<Entry>> {
+    let repo = shared.repo;
+    let keys = repo.keys().content()?;
+    let mut entry = job.entry.clone();
+    let file = match std::fs::File::open(&job.path) {
+        Ok(f) => f,
+        Err(e) => {
+            shared.issue(&job.path, format!("cannot open: {e}"));
+            return Ok(None);
+        }
+    };
+    let before = file.metadata().ok();
+    let mut chunker = Chunker::new(&file, repo.config().chunker, keys.gear_seed());
+    let mut size = 0u64;
+    loop {
+        let chunk = match chunker.next_chunk() {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                shared.issue(&job.path, format!("read failed after {size} bytes: {e}"));
+                return Ok(None);
+            }
+        };
+        let id = keys.id_of(&chunk);
+        size += chunk.len() as u64;
+        shared
+            .progress
+            .bytes_done
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        entry.chunks.push(id);
+        if shared.claim(&id, reader)? {
+            let blob = RawBlob {
+                kind: BlobKind::Data,
+                id,
+                data: chunk,
+            };
+            if tx.send(blob).is_err() {
+                return Err(Error::Pipeline("seal stage stopped".into()));
+            }
+        }
+        if shared.aborted() {
+            return Ok(None);
+        }
+    }
+    shared.bytes_read.fetch_add(size, Ordering::Relaxed);
+    let after = file.metadata().ok();
+    let changed = match (&before, &after) {
+        (Some(b), Some(a)) => {
+            b.size() != a.size()
+                || b.mtime() != a.mtime()
+                || b.mtime_nsec() != a.mtime_nsec()
+                || a.size() != size
+        }
+        _ => true,
+    };
+    if changed {
+        shared.issue(
+            &job.path,
+            "changed while being read; stored content may be inconsistent",
+        );
+    }
+    if let Some(a) = &after {
+        let fresh = meta::entry_from_metadata(entry.name.clone(), a);
+        entry.mtime_ns = fresh.mtime_ns;
+        entry.ctime_ns = if changed { 0 } else { fresh.ctime_ns };
+        entry.mode = fresh.mode;
+        entry.uid = fresh.uid;
+        entry.gid = fresh.gid;
+    }
+    entry.size = size;
+    match meta::read_xattrs(&job.path) {
+        Ok(x) => entry.xattrs = x,
+        Err(e) => shared.issue(&job.path, format!("cannot read xattrs: {e}")),
+    }
+    shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
+    Ok(Some(entry))
+}
+
+fn seal_worker(shared: &Shared<'_>, rx: Receiver<RawBlob>, tx: Sender<SealedBlob>) {
+    let mut sealer = match Sealer::new(shared.repo.config().zstd_level) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            shared.fail(e);
+            None
+        }
+    };
+    for raw in rx {
+        let Some(sealer) = sealer.as_mut().filter(|_| !shared.aborted()) else {
+            continue;
+        };
+        let sealed = shared
+            .repo
+            .keyset(raw.kind)
+            .and_then(|k| sealer.seal_verified(k, raw.kind, &raw.id, &raw.data));
+        match sealed {
+            Ok(sealed) => {
+                let b = SealedBlob {
+                    kind: raw.kind,
+                    id: raw.id,
+                    raw_len: raw.data.len() as u32,
+                    sealed,
+                };
+                if tx.send(b).is_err() {
+                    shared.fail(Error::Pipeline("packer stopped".into()));
+                }
+            }
+            Err(e) => shared.fail(e),
+        }
+    }
+}
+
+fn packer(shared: &Shared<'_>, rx: Receiver<SealedBlob>) {
+    let repo = shared.repo;
+    let target = repo.config().pack_target;
+    let mut writer: Option<PackWriter> = None;
+    let finish = |w: PackWriter| -> Result<()> {
+        let fp = w.finish(repo.store().as_ref(), &repo.keys().metadata)?;
+        repo.catalog()?
+            .insert_pack(&fp.name, fp.size, &fp.entries)?;
+        shared.release(fp.entries.iter().map(|e| e.id));
+        Ok(())
+    };
+    for b in rx {
+        if shared.aborted() {
+            writer = None;
+            continue;
+        }
+        let step = (|| -> Result<()> {
+            let w = match writer.as_mut() {
+                Some(w) => w,
+                None => writer.insert(PackWriter::new(repo.store().as_ref())?),
+            };
+            w.add(b.kind, b.id, &b.sealed, b.raw_len)?;
+            shared.new_blobs.fetch_add(1, Ordering::Relaxed);
+            shared
+                .new_bytes
+                .fetch_add(b.raw_len as u64, Ordering::Relaxed);
+            shared
+                .new_bytes_stored
+                .fetch_add(b.sealed.len() as u64, Ordering::Relaxed);
+            shared
+                .progress
+                .bytes_stored
+                .fetch_add(b.sealed.len() as u64, Ordering::Relaxed);
+            if w.size() >= target
+                && let Some(w) = writer.take()
+            {
+                finish(w)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = step {
+            writer = None;
+            shared.fail(e);
+        }
+    }
+    if let Some(w) = writer.take().filter(|w| !w.is_empty() && !shared.aborted())
+        && let Err(e) = finish(w)
+    {
+        shared.fail(e);
+    }
+}
+
+fn tree_builder(
+    shared: &Shared<'_>,
+    rx: Receiver<BuildItem>,
+    tx: Sender<SealedBlob>,
+) -> Result<(Id, Counts)> {
+    let repo = shared.repo;
+    let reader = Catalog::open_reader(&repo.catalog_path())?;
+    let mut sealer = Sealer::new(repo.config().zstd_level)?;
+    let meta_keys = &repo.keys().metadata;
+    let mut counts = Counts::default();
+    // The root is a directory without an entry of its own.
+    let mut stack: Vec<(Option<Entry>, Vec<Entry>)> = vec![(None, Vec::new())];
+    let mut root = None;
+    let count = |counts: &mut Counts, e: &Entry| match e.kind {
+        EntryKind::File => {
+            counts.files += 1;
+            counts.bytes += e.size;
+        }
+        EntryKind::Dir => counts.dirs += 1,
+        _ => counts.others += 1,
+    };
+    for item in rx {
+        if shared.aborted() {
+            return Err(Error::Pipeline("backup aborted".into()));
+        }
+        let top = stack
+            .last_mut()
+            .ok_or_else(|| Error::Pipeline("builder stack empty".into()))?;
+        match item {
+            BuildItem::Start(e) => stack.push((Some(e), Vec::new())),
+            BuildItem::Ready(e) => {
+                count(&mut counts, &e);
+                top.1.push(e);
+            }
+            BuildItem::Pending(reply) => match reply.recv() {
+                Ok(Some(e)) => {
+                    count(&mut counts, &e);
+                    top.1.push(e);
+                }
+                Ok(None) => {}
+                Err(_) => return Err(Error::Pipeline("file worker stopped".into())),
+            },
+            BuildItem::End => {
+                let (dir, entries) = stack
+                    .pop()
+                    .ok_or_else(|| Error::Pipeline("unbalanced tree end".into()))?;
+                let bytes = tree::encode(&entries)?;
+                let id = meta_keys.id_of(&bytes);
+                if shared.claim(&id, &reader)? {
+                    let sealed = sealer.seal_verified(meta_keys, BlobKind::Tree, &id, &bytes)?;
+                    let b = SealedBlob {
+                        kind: BlobKind::Tree,
+                        id,
+                        raw_len: bytes.len() as u32,
+                        sealed,
+                    };
+                    tx.send(b)
+                        .map_err(|_| Error::Pipeline("packer stopped".into()))?;
+                }
+                match dir {
+                    Some(mut d) => {
+                        d.subtree = Some(id);
+                        count(&mut counts, &d);
+                        stack
+                            .last_mut()
+                            .ok_or_else(|| Error::Pipeline("unbalanced tree end".into()))?
+                            .1
+                            .push(d);
+                    }
+                    None => root = Some(id),
+                }
+            }
+        }
+    }
+    root.map(|r| (r, counts))
+        .ok_or_else(|| Error::Pipeline("walk ended before the root tree was complete".into()))
+}

@@ -1,0 +1,157 @@
+//! The keyring file: the repository's keys wrapped under a passphrase.
+//!
+//! The passphrase is stretched with Argon2id (parameters stored in the file)
+//! into a key-encryption key, which seals the keys with XChaCha20-Poly1305.
+//! A wrong passphrase fails authentication and is reported as such.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::{KeySet, Keys, fill_random, open_random_with, seal_random_with};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::id::{hex_decode, hex_encode};
+
+/// Associated data of the wrapped keys.
+pub const KEYRING_AAD: &[u8] = b"hubvault keyring v1";
+
+/// Argon2id cost parameters.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_cost_kib: u32,
+    /// Iterations.
+    pub t_cost: u32,
+    /// Lanes.
+    pub p_cost: u32,
+}
+
+impl Default for KdfParams {
+    /// 64 MiB, 3 passes, 1 lane: about a quarter second here, OWASP's
+    /// recommended floor is 19 MiB / 2 passes.
+    fn default() -> Self {
+        KdfParams {
+            m_cost_kib: 64 * 1024,
+            t_cost: 3,
+            p_cost: 1,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyringFile {
+    version: u32,
+    kdf: String,
+    params: KdfParams,
+    salt: String,
+    /// nonce || ciphertext || tag, hex.
+    wrapped: String,
+}
+
+fn derive_kek(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>> {
+    let params = argon2::Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32))
+        .map_err(|e| Error::Refused(format!("bad Argon2 parameters: {e}")))?;
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut out = Zeroizing::new([0u8; 32]);
+    a.hash_password_into(passphrase, salt, out.as_mut())
+        .map_err(|e| Error::Refused(format!("Argon2 failed: {e}")))?;
+    Ok(out)
+}
+
+/// Write `keys` to `path`, wrapped under `passphrase` (atomically, fsynced).
+pub fn write_keyring(path: &Path, keys: &Keys, passphrase: &[u8], params: KdfParams) -> Result<()> {
+    if passphrase.is_empty() {
+        return Err(Error::Refused("an empty passphrase is not allowed".into()));
+    }
+    let mut salt = [0u8; 16];
+    fill_random(&mut salt)?;
+    let kek = derive_kek(passphrase, &salt, params)?;
+    let mut plain = Zeroizing::new(Vec::with_capacity(128));
+    let (i, c) = keys.metadata.stored();
+    plain.extend_from_slice(i);
+    plain.extend_from_slice(c);
+    if let Some(content) = &keys.content {
+        let (i, c) = content.stored();
+        plain.extend_from_slice(i);
+        plain.extend_from_slice(c);
+    }
+    let wrapped = seal_random_with(&kek, KEYRING_AAD, &plain)?;
+    let file = KeyringFile {
+        version: 1,
+        kdf: "argon2id".into(),
+        params,
+        salt: hex_encode(&salt),
+        wrapped: hex_encode(&wrapped),
+    };
+    let json =
+        serde_json::to_vec_pretty(&file).map_err(|e| Error::corrupt("keyring", e.to_string()))?;
+    fsutil::write_atomic(path, &json)
+}
+
+/// Read and unwrap the keyring at `path`.
+pub fn read_keyring(path: &Path, passphrase: &[u8]) -> Result<Keys> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io("reading keyring", path, e))?;
+    let file: KeyringFile = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::corrupt(format!("keyring {}", path.display()), e.to_string()))?;
+    if file.version != 1 || file.kdf != "argon2id" {
+        return Err(Error::corrupt(
+            format!("keyring {}", path.display()),
+            format!("unsupported version {} / kdf {}", file.version, file.kdf),
+        ));
+    }
+    let bad = |what: &str| Error::corrupt(format!("keyring {}", path.display()), what.to_string());
+    let salt = hex_decode(&file.salt).ok_or_else(|| bad("salt is not hex"))?;
+    let wrapped = hex_decode(&file.wrapped).ok_or_else(|| bad("wrapped keys are not hex"))?;
+    let kek = derive_kek(passphrase, &salt, file.params)?;
+    let plain = Zeroizing::new(
+        open_random_with(&kek, "keyring", KEYRING_AAD, &wrapped)
+            .map_err(|_| Error::WrongPassphrase(path.to_path_buf()))?,
+    );
+    let set = |b: &[u8]| -> KeySet {
+        let mut a = [0u8; 32];
+        let mut c = [0u8; 32];
+        a.copy_from_slice(&b[..32]);
+        c.copy_from_slice(&b[32..64]);
+        KeySet::from_keys(a, c)
+    };
+    match plain.len() {
+        64 => Ok(Keys {
+            metadata: set(&plain[..64]),
+            content: None,
+        }),
+        128 => Ok(Keys {
+            metadata: set(&plain[..64]),
+            content: Some(set(&plain[64..])),
+        }),
+        n => Err(bad(&format!("unwrapped key material is {n} bytes"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast() -> KdfParams {
+        KdfParams {
+            m_cost_kib: 64,
+            t_cost: 1,
+            p_cost: 1,
+        }
+    }
+
+    #[test]
+    fn wrong_passphrase_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keyring");
+        let keys = Keys::generate().unwrap();
+        write_keyring(&p, &keys, b"right", fast()).unwrap();
+        let back = read_keyring(&p, b"right").unwrap();
+        assert_eq!(back.metadata.id_of(b"x"), keys.metadata.id_of(b"x"));
+        assert!(matches!(
+            read_keyring(&p, b"wrong"),
+            Err(Error::WrongPassphrase(_))
+        ));
+    }
+}

@@ -1,0 +1,170 @@
+//! File-system metadata: capturing it into tree entries at backup, applying
+//! it at restore (owner, xattrs/ACLs, mode, times), never following symlinks.
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags, utimensat};
+use nix::sys::time::TimeSpec;
+
+use crate::tree::{Entry, EntryKind};
+
+/// The tree kind of a file type, or `None` for a kind we cannot represent.
+pub fn kind_of(md: &Metadata) -> EntryKind {
+    let ft = md.file_type();
+    if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_fifo() {
+        EntryKind::Fifo
+    } else if ft.is_char_device() {
+        EntryKind::CharDev
+    } else if ft.is_block_device() {
+        EntryKind::BlockDev
+    } else if ft.is_socket() {
+        EntryKind::Socket
+    } else {
+        EntryKind::File
+    }
+}
+
+/// A tree entry for `name` from `lstat` metadata (no xattrs, names or content yet).
+pub fn entry_from_metadata(name: Vec<u8>, md: &Metadata) -> Entry {
+    let kind = kind_of(md);
+    let mut e = Entry::new(name, kind);
+    e.mode = md.mode() & 0o7777;
+    e.uid = md.uid();
+    e.gid = md.gid();
+    e.mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    e.ctime_ns = md.ctime() * 1_000_000_000 + md.ctime_nsec();
+    e.dev = md.dev();
+    e.ino = md.ino();
+    e.nlink = md.nlink();
+    e.size = if kind == EntryKind::File {
+        md.size()
+    } else {
+        0
+    };
+    e.rdev = if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev) {
+        md.rdev()
+    } else {
+        0
+    };
+    e
+}
+
+/// Read all extended attributes of `path` (not following symlinks), sorted by name.
+/// A file system without xattr support yields an empty list.
+pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if is_unsupported(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for n in names {
+        if let Some(v) = xattr::get(path, &n)? {
+            out.push((n.as_bytes().to_vec(), v));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn is_unsupported(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc_enotsup) if libc_enotsup == 95)
+}
+
+/// Caches uid → user name and gid → group name lookups.
+#[derive(Default)]
+pub struct NameCache {
+    users: HashMap<u32, String>,
+    groups: HashMap<u32, String>,
+}
+
+impl NameCache {
+    /// Fill in `e.user` and `e.group` from the system's databases.
+    pub fn fill(&mut self, e: &mut Entry) {
+        e.user = self
+            .users
+            .entry(e.uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(e.uid.into())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+                    .unwrap_or_default()
+            })
+            .clone();
+        e.group = self
+            .groups
+            .entry(e.gid)
+            .or_insert_with(|| {
+                nix::unistd::Group::from_gid(e.gid.into())
+                    .ok()
+                    .flatten()
+                    .map(|g| g.name)
+                    .unwrap_or_default()
+            })
+            .clone();
+    }
+}
+
+/// True when the process may set owners and create device nodes.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Create a special file (fifo or device) at `path` for `e`.
+pub fn make_special(path: &Path, e: &Entry) -> std::io::Result<()> {
+    let perm = Mode::from_bits_truncate((e.mode & 0o7777) as _);
+    let kind = match e.kind {
+        EntryKind::Fifo => return nix::unistd::mkfifo(path, perm).map_err(std::io::Error::from),
+        EntryKind::CharDev => SFlag::S_IFCHR,
+        EntryKind::BlockDev => SFlag::S_IFBLK,
+        _ => return Err(std::io::Error::other("not a special file")),
+    };
+    nix::sys::stat::mknod(path, kind, perm, e.rdev as _).map_err(std::io::Error::from)
+}
+
+/// Apply owner (when root), xattrs, mode (not on symlinks) and mtime to `path`,
+/// in that order (chown clears setuid; chmod after ACLs keeps the captured mask).
+/// Returns a description of each step that failed; restore reports them as warnings.
+pub fn apply(path: &Path, e: &Entry, set_owner: bool) -> Vec<String> {
+    let mut warn = Vec::new();
+    if set_owner && let Err(err) = std::os::unix::fs::lchown(path, Some(e.uid), Some(e.gid)) {
+        warn.push(format!("chown {}:{}: {err}", e.uid, e.gid));
+    }
+    if e.kind != EntryKind::Symlink {
+        for (k, v) in &e.xattrs {
+            let name = std::ffi::OsStr::from_bytes(k);
+            if let Err(err) = xattr::set(path, name, v) {
+                warn.push(format!("xattr {}: {err}", String::from_utf8_lossy(k)));
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(err) =
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(e.mode & 0o7777))
+        {
+            warn.push(format!("chmod {:o}: {err}", e.mode));
+        }
+    }
+    let ts = TimeSpec::new(
+        e.mtime_ns.div_euclid(1_000_000_000),
+        e.mtime_ns.rem_euclid(1_000_000_000),
+    );
+    if let Err(err) = utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &ts,
+        &ts,
+        UtimensatFlags::NoFollowSymlink,
+    ) {
+        warn.push(format!("set mtime: {err}"));
+    }
+    warn
+}

@@ -1,0 +1,261 @@
+//! A repository on disk: layout, opening, locking, and reading blobs.
+//!
+//! ```text
+//! <repo>/config          plain JSON (RepoConfig)
+//! <repo>/keyring         keys wrapped under a passphrase (keyring.rs)
+//! <repo>/catalog.db      SQLite index (catalog.rs); rebuildable
+//! <repo>/packs/xx/<name> pack files (pack.rs), fan-out by first byte
+//! <repo>/snapshots/<id>  sealed snapshot files (snapshot.rs)
+//! <repo>/tmp/            temporary files; anything here is garbage
+//! <repo>/lock            advisory lock: shared for backup/restore, exclusive for rebuild
+//! ```
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::blob::{self, BlobKind};
+use crate::catalog::{BlobLocation, Catalog};
+use crate::config::RepoConfig;
+use crate::crypto::{KeySet, Keys};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::keyring::{self, KdfParams};
+use crate::snapshot::{self, Snapshot};
+use crate::store::PackStore;
+use crate::store::dir::DirStore;
+use crate::tree::{self, Entry};
+
+/// How a repository is locked while open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Backups and restores: many at once.
+    Shared,
+    /// Catalog rebuild (and, later, pruning): alone.
+    Exclusive,
+}
+
+/// An open repository.
+pub struct Repository {
+    root: PathBuf,
+    config: RepoConfig,
+    keys: Keys,
+    store: Arc<dyn PackStore>,
+    catalog: Mutex<Catalog>,
+    _lock: File,
+}
+
+/// Paths inside a repository.
+pub(crate) fn catalog_path(root: &Path) -> PathBuf {
+    root.join("catalog.db")
+}
+
+impl Repository {
+    /// Create a new repository in `root` (which must not exist or be empty).
+    pub fn init(root: &Path, passphrase: &[u8], kdf: KdfParams, config: RepoConfig) -> Result<()> {
+        config.validate()?;
+        if root.exists()
+            && std::fs::read_dir(root)
+                .map_err(|e| Error::io("listing", root, e))?
+                .next()
+                .is_some()
+        {
+            return Err(Error::Refused(format!(
+                "{} exists and is not empty",
+                root.display()
+            )));
+        }
+        for d in ["", "packs", "snapshots", "tmp"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| Error::io("creating", &p, e))?;
+        }
+        DirStore::create_layout(&root.join("packs"))?;
+        let keys = Keys::generate()?;
+        keyring::write_keyring(&root.join("keyring"), &keys, passphrase, kdf)?;
+        Catalog::create(&catalog_path(root))?;
+        // config last: its presence marks a complete repository.
+        config.save(&root.join("config"))
+    }
+
+    /// Open the repository at `root` with `passphrase`.
+    pub fn open(root: &Path, passphrase: &[u8], lock: LockMode) -> Result<Self> {
+        let store = Arc::new(DirStore::new(root.join("packs"), root.join("tmp")));
+        Self::open_with_store(root, passphrase, lock, store)
+    }
+
+    /// Open with a custom pack store (tests inject faults through this).
+    pub fn open_with_store(
+        root: &Path,
+        passphrase: &[u8],
+        lock: LockMode,
+        store: Arc<dyn PackStore>,
+    ) -> Result<Self> {
+        let (config, keys, lock) = Self::open_parts(root, passphrase, lock)?;
+        let catalog = Catalog::open(&catalog_path(root))?;
+        Ok(Repository {
+            root: root.to_path_buf(),
+            config,
+            keys,
+            store,
+            catalog: Mutex::new(catalog),
+            _lock: lock,
+        })
+    }
+
+    /// Config, keys and lock, without the catalog (rebuild needs these when the catalog is gone).
+    pub(crate) fn open_parts(
+        root: &Path,
+        passphrase: &[u8],
+        mode: LockMode,
+    ) -> Result<(RepoConfig, Keys, File)> {
+        let cfg_path = root.join("config");
+        if !cfg_path.exists() {
+            return Err(Error::BadRepository {
+                path: root.to_path_buf(),
+                detail: "not a hubvault repository (no config file); create one with `hubvault repo init`".into(),
+            });
+        }
+        let config = RepoConfig::load(&cfg_path)?;
+        let lock_path = root.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("opening", &lock_path, e))?;
+        let locked = match mode {
+            LockMode::Shared => lock.try_lock_shared(),
+            LockMode::Exclusive => lock.try_lock(),
+        };
+        if let Err(e) = locked {
+            return Err(Error::Refused(format!(
+                "repository {} is locked by another process ({e}); retry when it finishes",
+                root.display()
+            )));
+        }
+        let keys = keyring::read_keyring(&root.join("keyring"), passphrase)?;
+        Ok((config, keys, lock))
+    }
+
+    /// Assemble a repository from parts (used by rebuild once the catalog exists again).
+    pub(crate) fn from_parts(
+        root: &Path,
+        config: RepoConfig,
+        keys: Keys,
+        store: Arc<dyn PackStore>,
+        catalog: Catalog,
+        lock: File,
+    ) -> Self {
+        Repository {
+            root: root.to_path_buf(),
+            config,
+            keys,
+            store,
+            catalog: Mutex::new(catalog),
+            _lock: lock,
+        }
+    }
+
+    /// The repository directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Its config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// Its keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Its pack store.
+    pub fn store(&self) -> &Arc<dyn PackStore> {
+        &self.store
+    }
+
+    /// Path of the catalog database (for opening reader connections).
+    pub fn catalog_path(&self) -> PathBuf {
+        catalog_path(&self.root)
+    }
+
+    /// The snapshots directory.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// The shared read-write catalog connection.
+    pub fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {
+        self.catalog
+            .lock()
+            .map_err(|_| Error::Pipeline("catalog mutex poisoned".into()))
+    }
+
+    /// The key set sealing blobs of `kind`.
+    pub fn keyset(&self, kind: BlobKind) -> Result<&KeySet> {
+        match kind {
+            BlobKind::Data => self.keys.content(),
+            BlobKind::Tree => Ok(&self.keys.metadata),
+        }
+    }
+
+    /// Read and verify the blob at `loc` (id re-derived from the plaintext).
+    pub fn read_blob_at(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
+        let mut sealed = vec![0u8; loc.length as usize];
+        self.store.read_at(&loc.pack, loc.offset, &mut sealed)?;
+        blob::open(self.keyset(loc.kind)?, loc.kind, id, &sealed)
+    }
+
+    /// Read and verify blob `id` through the shared catalog connection.
+    pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.catalog()?.lookup(id)?.ok_or(Error::MissingBlob(*id))?;
+        self.read_blob_at(id, &loc)
+    }
+
+    /// Read and decode tree `id`.
+    pub fn read_tree(&self, id: &Id) -> Result<Vec<Entry>> {
+        let loc = self.catalog()?.lookup(id)?.ok_or(Error::MissingBlob(*id))?;
+        if loc.kind != BlobKind::Tree {
+            return Err(Error::corrupt(
+                format!("tree {id}"),
+                "catalogued as a data blob",
+            ));
+        }
+        let plain = self.read_blob_at(id, &loc)?;
+        tree::decode(&plain, &format!("tree {id}"))
+    }
+
+    /// All snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        self.catalog()?.snapshots()
+    }
+
+    /// Resolve a full id or unique hex prefix (or "latest") to a snapshot.
+    pub fn find_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
+        let all = self.snapshots()?;
+        if spec == "latest" {
+            return all
+                .into_iter()
+                .last()
+                .ok_or_else(|| Error::NoSuchSnapshot(spec.into()));
+        }
+        let spec_l = spec.to_ascii_lowercase();
+        let mut m = all
+            .into_iter()
+            .filter(|(id, _)| id.to_hex().starts_with(&spec_l));
+        let first = m.next().ok_or_else(|| Error::NoSuchSnapshot(spec.into()))?;
+        if spec_l.is_empty() || m.next().is_some() {
+            return Err(Error::AmbiguousSnapshot(spec.into()));
+        }
+        Ok(first)
+    }
+
+    /// Write a snapshot file durably, then record it in the catalog: the commit point.
+    pub fn commit_snapshot(&self, snap: &Snapshot) -> Result<Id> {
+        let id = snapshot::write(&self.snapshots_dir(), &self.keys.metadata, snap)?;
+        self.catalog()?.insert_snapshot(&id, snap)?;
+        Ok(id)
+    }
+}

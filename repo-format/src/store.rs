@@ -1,0 +1,40 @@
+//! The narrow interface through which packs reach storage.
+//!
+//! DESIGN.md "When one collector's disk is not enough": a local directory
+//! today ([`dir::DirStore`]), an S3-compatible object store later. Everything
+//! above this trait is oblivious to where packs live.
+
+pub mod dir;
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use crate::error::Result;
+use crate::id::Id;
+
+/// A pack being written: a temporary local file that [`PackStore::put`] makes durable.
+pub struct TempPack {
+    /// The open file (written sequentially by the pack writer).
+    pub file: File,
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+/// Where packs live.
+///
+/// Contract: when [`PackStore::put`] returns `Ok`, the pack is durable under
+/// its name and survives a crash or power loss; when it returns `Err`, nothing
+/// is visible under that name (a leftover temporary file is harmless). A
+/// failed fsync is never retried into a success (PostgreSQL's fsyncgate).
+pub trait PackStore: Send + Sync {
+    /// A new temporary file to write a pack into.
+    fn create_temp(&self) -> Result<TempPack>;
+    /// Durably store the finished temporary pack under `name`.
+    fn put(&self, tmp: TempPack, name: &Id) -> Result<()>;
+    /// Read exactly `buf.len()` bytes of pack `name` at `offset`.
+    fn read_at(&self, name: &Id, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Size of pack `name` in bytes.
+    fn size(&self, name: &Id) -> Result<u64>;
+    /// Names of all stored packs.
+    fn list(&self) -> Result<Vec<Id>>;
+}

@@ -1,0 +1,126 @@
+//! Packs in a local directory: `packs/<first two hex digits>/<64 hex digits>`.
+//!
+//! `put` = fsync the temporary file, rename it into place, fsync the
+//! directory. Read handles are cached (a restore reads many blobs of the
+//! same pack).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::id::{Id, hex_encode};
+use crate::store::{PackStore, TempPack};
+
+/// How many open read handles are kept.
+const HANDLE_CACHE: usize = 128;
+
+/// A pack store in a local directory.
+pub struct DirStore {
+    packs: PathBuf,
+    tmp: PathBuf,
+    handles: Mutex<HashMap<Id, Arc<File>>>,
+}
+
+impl DirStore {
+    /// A store over `packs_dir`, writing temporaries in `tmp_dir` (same file system).
+    pub fn new(packs_dir: PathBuf, tmp_dir: PathBuf) -> Self {
+        DirStore {
+            packs: packs_dir,
+            tmp: tmp_dir,
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Create the 256 fan-out directories (at repository init).
+    pub fn create_layout(packs_dir: &Path) -> Result<()> {
+        for i in 0..=255u8 {
+            let d = packs_dir.join(hex_encode(&[i]));
+            std::fs::create_dir_all(&d).map_err(|e| Error::io("creating", &d, e))?;
+        }
+        fsutil::sync_dir(packs_dir)
+    }
+
+    /// Path of pack `name`.
+    pub fn path_of(&self, name: &Id) -> PathBuf {
+        let hex = name.to_hex();
+        self.packs.join(&hex[..2]).join(hex)
+    }
+
+    fn handle(&self, name: &Id) -> Result<Arc<File>> {
+        let mut h = self
+            .handles
+            .lock()
+            .map_err(|_| Error::Pipeline("handle cache poisoned".into()))?;
+        if let Some(f) = h.get(name) {
+            return Ok(f.clone());
+        }
+        let p = self.path_of(name);
+        let f = Arc::new(File::open(&p).map_err(|e| Error::io("opening pack", &p, e))?);
+        if h.len() >= HANDLE_CACHE {
+            h.clear();
+        }
+        h.insert(*name, f.clone());
+        Ok(f)
+    }
+}
+
+impl PackStore for DirStore {
+    fn create_temp(&self) -> Result<TempPack> {
+        let path = fsutil::tmp_name(&self.tmp.join("pack"));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io("creating temporary pack", &path, e))?;
+        Ok(TempPack { file, path })
+    }
+
+    fn put(&self, tmp: TempPack, name: &Id) -> Result<()> {
+        tmp.file
+            .sync_all()
+            .map_err(|e| Error::io("fsync of pack", &tmp.path, e))?;
+        drop(tmp.file);
+        let dest = self.path_of(name);
+        std::fs::rename(&tmp.path, &dest).map_err(|e| Error::io("renaming pack into", &dest, e))?;
+        let dir = dest.parent().unwrap_or(&self.packs);
+        fsutil::sync_dir(dir)
+    }
+
+    fn read_at(&self, name: &Id, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let f = self.handle(name)?;
+        f.read_exact_at(buf, offset)
+            .map_err(|e| Error::io("reading (short or damaged pack?)", self.path_of(name), e))
+    }
+
+    fn size(&self, name: &Id) -> Result<u64> {
+        let p = self.path_of(name);
+        Ok(std::fs::metadata(&p)
+            .map_err(|e| Error::io("stat of pack", &p, e))?
+            .len())
+    }
+
+    fn list(&self) -> Result<Vec<Id>> {
+        let mut out = Vec::new();
+        for i in 0..=255u8 {
+            let d = self.packs.join(hex_encode(&[i]));
+            let rd = match std::fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("listing", &d, e)),
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| Error::io("listing", &d, e))?;
+                if let Some(id) = ent.file_name().to_str().and_then(Id::from_hex) {
+                    out.push(id);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
