@@ -25,6 +25,15 @@ enum Command {
     /// Work on a repository directory directly (offline).
     #[command(subcommand)]
     Repo(commands::repo::RepoCommand),
+    /// Back up PATHs into a local repository with embedded defaults (created on first use).
+    Quickstart {
+        /// Where the repository and its generated passphrase live.
+        #[arg(long, default_value = "hubvault-data")]
+        data: PathBuf,
+        /// Files and directories to back up.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 /// Where the passphrase comes from.
@@ -42,6 +51,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Repo(c) => commands::repo::run(c),
+        Command::Quickstart { data, paths } => commands::quickstart::run(&data, &paths),
     };
     match res {
         Ok(code) => code,
