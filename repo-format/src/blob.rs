@@ -35,9 +35,11 @@ impl BlobKind {
 const FLAG_STORED: u8 = 0;
 const FLAG_ZSTD: u8 = 1;
 
-/// Seals blobs with one reusable zstd context.
+/// Seals blobs with reusable zstd contexts (creating one per blob costs more
+/// than compressing a small file).
 pub struct Sealer {
     zstd: zstd::bulk::Compressor<'static>,
+    unzstd: zstd::bulk::Decompressor<'static>,
 }
 
 impl Sealer {
@@ -45,7 +47,9 @@ impl Sealer {
     pub fn new(level: i32) -> Result<Self> {
         let zstd = zstd::bulk::Compressor::new(level)
             .map_err(|e| Error::Pipeline(format!("zstd init at level {level}: {e}")))?;
-        Ok(Sealer { zstd })
+        let unzstd = zstd::bulk::Decompressor::new()
+            .map_err(|e| Error::Pipeline(format!("zstd decompressor init: {e}")))?;
+        Ok(Sealer { zstd, unzstd })
     }
 
     /// Compress (where it helps) and encrypt `plain`, whose id is `id`.
@@ -82,7 +86,7 @@ impl Sealer {
         plain: &[u8],
     ) -> Result<Vec<u8>> {
         let sealed = self.seal(keys, kind, id, plain)?;
-        let back = open_unverified(keys, kind, id, &sealed)?;
+        let back = open_unverified(keys, kind, id, &sealed, Some(&mut self.unzstd))?;
         if back != plain {
             return Err(Error::Pipeline(format!(
                 "blob {id} did not open to its plaintext after sealing (codec fault); not stored"
@@ -92,8 +96,40 @@ impl Sealer {
     }
 }
 
+/// Opens blobs with a reusable zstd context (restore and check open many).
+pub struct Opener {
+    unzstd: zstd::bulk::Decompressor<'static>,
+}
+
+impl Opener {
+    /// A new opener.
+    pub fn new() -> Result<Self> {
+        let unzstd = zstd::bulk::Decompressor::new()
+            .map_err(|e| Error::Pipeline(format!("zstd decompressor init: {e}")))?;
+        Ok(Opener { unzstd })
+    }
+
+    /// [`open`] with this opener's context.
+    pub fn open(
+        &mut self,
+        keys: &KeySet,
+        kind: BlobKind,
+        id: &Id,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>> {
+        let plain = open_unverified(keys, kind, id, sealed, Some(&mut self.unzstd))?;
+        check_id(keys, id, plain)
+    }
+}
+
 /// Decrypt and decompress without checking the id (the caller compares).
-fn open_unverified(keys: &KeySet, kind: BlobKind, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+fn open_unverified(
+    keys: &KeySet,
+    kind: BlobKind,
+    id: &Id,
+    sealed: &[u8],
+    dctx: Option<&mut zstd::bulk::Decompressor<'static>>,
+) -> Result<Vec<u8>> {
     let mut buf = sealed.to_vec();
     keys.open_blob_in_place(kind as u8, id, &mut buf)?;
     let Some((&flag, payload)) = buf.split_first() else {
@@ -120,8 +156,11 @@ fn open_unverified(keys: &KeySet, kind: BlobKind, id: &Id, sealed: &[u8]) -> Res
                     format!("declares {size} bytes, over the {MAX_BLOB_PLAINTEXT}-byte limit"),
                 ));
             }
-            zstd::bulk::decompress(payload, size as usize)
-                .map_err(|e| Error::corrupt(format!("blob {id}"), format!("zstd: {e}")))
+            let out = match dctx {
+                Some(d) => d.decompress(payload, size as usize),
+                None => zstd::bulk::decompress(payload, size as usize),
+            };
+            out.map_err(|e| Error::corrupt(format!("blob {id}"), format!("zstd: {e}")))
         }
         f => Err(Error::corrupt(
             format!("blob {id}"),
@@ -132,7 +171,11 @@ fn open_unverified(keys: &KeySet, kind: BlobKind, id: &Id, sealed: &[u8]) -> Res
 
 /// Open a sealed blob and check that its plaintext hashes to `id`.
 pub fn open(keys: &KeySet, kind: BlobKind, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
-    let plain = open_unverified(keys, kind, id, sealed)?;
+    let plain = open_unverified(keys, kind, id, sealed, None)?;
+    check_id(keys, id, plain)
+}
+
+fn check_id(keys: &KeySet, id: &Id, plain: Vec<u8>) -> Result<Vec<u8>> {
     let actual = keys.id_of(&plain);
     if actual != *id {
         return Err(Error::IdMismatch { id: *id, actual });

@@ -12,35 +12,23 @@ use fastcdc::v2020::{MASKS, Normalization, cut_gear, get_gear_with_seed, logarit
 
 use crate::config::ChunkerParams;
 
-/// Cuts a byte stream into content-defined chunks.
-pub struct Chunker<R> {
-    src: R,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    eof: bool,
+/// Gear tables and masks for one repository: computed once, shared by every chunker.
+pub struct ChunkerSetup {
     p: ChunkerParams,
     masks: (u64, u64, u64, u64),
     gear: Box<[u64; 256]>,
     gear_ls: Box<[u64; 256]>,
 }
 
-impl<R: Read> Chunker<R> {
-    /// A chunker over `src` with the repository's parameters and gear seed.
-    /// `params` must have passed [`ChunkerParams::validate`].
-    pub fn new(src: R, params: ChunkerParams, seed: u64) -> Self {
+impl ChunkerSetup {
+    /// Tables for `params` (which must have passed [`ChunkerParams::validate`]) and gear `seed`.
+    pub fn new(params: ChunkerParams, seed: u64) -> Self {
         let bits = logarithm2(params.avg);
         let norm = Normalization::Level1.bits();
         let mask_s = MASKS[(bits + norm) as usize];
         let mask_l = MASKS[(bits - norm) as usize];
         let (gear, gear_ls) = get_gear_with_seed(seed);
-        let cap = (params.max as usize * 4).max(8 * 1024 * 1024);
-        Chunker {
-            src,
-            buf: vec![0; cap],
-            start: 0,
-            end: 0,
-            eof: false,
+        ChunkerSetup {
             p: params,
             masks: (mask_s, mask_l, mask_s << 1, mask_l << 1),
             gear,
@@ -48,8 +36,53 @@ impl<R: Read> Chunker<R> {
         }
     }
 
+    /// The parameters.
+    pub fn params(&self) -> ChunkerParams {
+        self.p
+    }
+
+    /// Size of the read buffer a chunker wants (several maximum chunks).
+    pub fn buffer_len(&self) -> usize {
+        (self.p.max as usize * 4).max(8 * 1024 * 1024)
+    }
+}
+
+/// Cuts a byte stream into content-defined chunks.
+pub struct Chunker<'s, R> {
+    src: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    setup: &'s ChunkerSetup,
+}
+
+impl<'s, R: Read> Chunker<'s, R> {
+    /// A chunker over `src`, reusing `buf` as its read buffer (grown if too small).
+    /// Pass the buffer back from [`Chunker::into_buffer`] to the next file: no
+    /// allocation per file.
+    pub fn new(src: R, setup: &'s ChunkerSetup, mut buf: Vec<u8>) -> Self {
+        let want = setup.buffer_len();
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        Chunker {
+            src,
+            buf,
+            start: 0,
+            end: 0,
+            eof: false,
+            setup,
+        }
+    }
+
+    /// Give the read buffer back for reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+
     fn fill(&mut self) -> std::io::Result<()> {
-        if self.start > 0 && self.buf.len() - self.start < self.p.max as usize {
+        if self.start > 0 && self.buf.len() - self.start < self.setup.p.max as usize {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
@@ -67,25 +100,26 @@ impl<R: Read> Chunker<R> {
 
     /// The next chunk, `Ok(None)` at the end of the stream.
     pub fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
-        if self.end - self.start < self.p.max as usize && !self.eof {
+        let p = self.setup.p;
+        if self.end - self.start < p.max as usize && !self.eof {
             self.fill()?;
         }
         let avail = self.end - self.start;
         if avail == 0 {
             return Ok(None);
         }
-        let (ms, ml, msl, mll) = self.masks;
+        let (ms, ml, msl, mll) = self.setup.masks;
         let (_, n) = cut_gear(
             &self.buf[self.start..self.end],
-            self.p.min as usize,
-            self.p.avg as usize,
-            self.p.max as usize,
+            p.min as usize,
+            p.avg as usize,
+            p.max as usize,
             ms,
             ml,
             msl,
             mll,
-            &self.gear,
-            &self.gear_ls,
+            &self.setup.gear,
+            &self.setup.gear_ls,
         );
         // cut_gear returns the whole remainder when it is below the minimum.
         let n = if n == 0 { avail } else { n };
@@ -133,8 +167,9 @@ mod tests {
     #[test]
     fn streaming_matches_one_shot_and_respects_bounds() {
         let data = pseudo(3_000_000);
-        let mut a = Chunker::new(&data[..], params(), 7);
-        let mut b = Chunker::new(Trickle(&data), params(), 7);
+        let setup = ChunkerSetup::new(params(), 7);
+        let mut a = Chunker::new(&data[..], &setup, Vec::new());
+        let mut b = Chunker::new(Trickle(&data), &setup, Vec::new());
         let mut joined = Vec::new();
         let mut count = 0;
         while let Some(c) = a.next_chunk().unwrap() {
@@ -151,10 +186,11 @@ mod tests {
 
     #[test]
     fn small_input_is_one_chunk_and_empty_is_none() {
-        let mut c = Chunker::new(&b"tiny"[..], params(), 0);
+        let setup = ChunkerSetup::new(params(), 0);
+        let mut c = Chunker::new(&b"tiny"[..], &setup, Vec::new());
         assert_eq!(c.next_chunk().unwrap().unwrap(), b"tiny");
         assert!(c.next_chunk().unwrap().is_none());
-        let mut e = Chunker::new(&b""[..], params(), 0);
+        let mut e = Chunker::new(&b""[..], &setup, c.into_buffer());
         assert!(e.next_chunk().unwrap().is_none());
     }
 
@@ -162,7 +198,8 @@ mod tests {
     fn seed_moves_cut_points() {
         let data = pseudo(1_000_000);
         let lens = |seed| {
-            let mut c = Chunker::new(&data[..], params(), seed);
+            let setup = ChunkerSetup::new(params(), seed);
+            let mut c = Chunker::new(&data[..], &setup, Vec::new());
             let mut v = Vec::new();
             while let Some(x) = c.next_chunk().unwrap() {
                 v.push(x.len());

@@ -360,9 +360,18 @@ fn file_worker(repo: &Repository, rx: Receiver<FileJob>, ctx: &Ctx) {
             return;
         }
     };
+    let mut opener = match blob::Opener::new() {
+        Ok(o) => o,
+        Err(e) => {
+            for job in rx {
+                ctx.error(&job.path, &e);
+            }
+            return;
+        }
+    };
     for job in rx {
         let tmp = tmp_name(&job.path);
-        match write_file(repo, &reader, &tmp, &job.entry) {
+        match write_file(repo, &reader, &mut opener, &tmp, &job.entry) {
             Ok(n) => {
                 let w = meta::apply(&tmp, &job.entry, ctx.set_owner);
                 ctx.warn(&job.path, w);
@@ -389,7 +398,13 @@ fn file_worker(repo: &Repository, rx: Receiver<FileJob>, ctx: &Ctx) {
 const HOLE_BLOCK: usize = 4096;
 
 /// Write the content of `e` to a new file at `tmp`, leaving zero blocks as holes.
-fn write_file(repo: &Repository, reader: &Catalog, tmp: &Path, e: &Entry) -> Result<u64> {
+fn write_file(
+    repo: &Repository,
+    reader: &Catalog,
+    opener: &mut blob::Opener,
+    tmp: &Path,
+    e: &Entry,
+) -> Result<u64> {
     let f = File::options()
         .write(true)
         .create_new(true)
@@ -400,7 +415,7 @@ fn write_file(repo: &Repository, reader: &Catalog, tmp: &Path, e: &Entry) -> Res
         let loc = reader.lookup(id)?.ok_or(Error::MissingBlob(*id))?;
         let mut sealed = vec![0u8; loc.length as usize];
         repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
-        let plain = blob::open(repo.keyset(loc.kind)?, loc.kind, id, &sealed)?;
+        let plain = opener.open(repo.keyset(loc.kind)?, loc.kind, id, &sealed)?;
         write_sparse(&f, &plain, off).map_err(|err| Error::io("writing", tmp, err))?;
         off += plain.len() as u64;
     }

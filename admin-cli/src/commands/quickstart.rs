@@ -33,11 +33,26 @@ pub(crate) fn run(data: &Path, paths: &[PathBuf]) -> Result<ExitCode> {
             .create_new(true)
             .mode(0o600)
             .open(&pass_file)
-            .with_context(|| format!("creating {} (remove {} to start over)", pass_file.display(), data.display()))?;
+            .with_context(|| {
+                format!(
+                    "creating {} (remove {} to start over)",
+                    pass_file.display(),
+                    data.display()
+                )
+            })?;
         writeln!(f, "{pass}")?;
-        Repository::init(&repo_dir, pass.as_bytes(), KdfParams::default(), RepoConfig::new()?)
-            .with_context(|| format!("creating repository {}", repo_dir.display()))?;
-        println!("created repository {} (passphrase in {})", repo_dir.display(), pass_file.display());
+        Repository::init(
+            &repo_dir,
+            pass.as_bytes(),
+            KdfParams::default(),
+            RepoConfig::new()?,
+        )
+        .with_context(|| format!("creating repository {}", repo_dir.display()))?;
+        println!(
+            "created repository {} (passphrase in {})",
+            repo_dir.display(),
+            pass_file.display()
+        );
     }
     let pass = std::fs::read_to_string(&pass_file)
         .with_context(|| format!("reading {}", pass_file.display()))?;
@@ -61,7 +76,13 @@ pub(crate) fn run(data: &Path, paths: &[PathBuf]) -> Result<ExitCode> {
     println!("\nnext:");
     println!("  hubvault repo snapshots --repo {r} --passphrase-file {p}");
     println!("  hubvault repo ls --repo {r} --passphrase-file {p} latest");
-    println!("  hubvault repo restore --repo {r} --passphrase-file {p} latest --target /tmp/restored");
+    println!(
+        "  hubvault repo restore --repo {r} --passphrase-file {p} latest --target /tmp/restored"
+    );
     println!("  hubvault repo check --repo {r} --passphrase-file {p} --read-data");
-    Ok(if s.is_partial() { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    Ok(if s.is_partial() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -1,6 +1,7 @@
 //! The pipeline's threads: file workers, seal workers, the packer and the
 //! tree builder, and [`run`], which wires them with bounded channels.
 
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -11,7 +12,7 @@ use crate::backup::Shared;
 use crate::backup::walk::Walker;
 use crate::blob::{BlobKind, Sealer};
 use crate::catalog::Catalog;
-use crate::chunker::Chunker;
+use crate::chunker::{Chunker, ChunkerSetup};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::meta;
@@ -73,33 +74,49 @@ pub(crate) fn run(
     // Fail early, before any thread starts, if the content key is absent.
     repo.keys().content()?;
     let cat_path = repo.catalog_path();
+    let setup = ChunkerSetup::new(repo.config().chunker, repo.keys().content()?.gear_seed());
+    let setup = &setup;
     let (file_tx, file_rx) = bounded::<FileJob>(threads * 8);
     let (seal_tx, seal_rx) = bounded::<RawBlob>(threads * 2);
     let (pack_tx, pack_rx) = bounded::<SealedBlob>(threads * 2);
     let (build_tx, build_rx) = bounded::<BuildItem>(4096);
 
     let result = std::thread::scope(|s| -> Result<(Id, Counts)> {
-        let packer = s.spawn(|| packer(shared, pack_rx));
-        for _ in 0..threads {
+        let spawn_err =
+            |e: std::io::Error| Error::Pipeline(format!("starting a backup thread: {e}"));
+        let named = |n: String| std::thread::Builder::new().name(n);
+        let packer = named("hv-packer".into())
+            .spawn_scoped(s, || packer(shared, pack_rx))
+            .map_err(spawn_err)?;
+        for i in 0..threads {
             let rx = seal_rx.clone();
             let tx = pack_tx.clone();
-            s.spawn(move || seal_worker(shared, rx, tx));
+            named(format!("hv-seal-{i}"))
+                .spawn_scoped(s, move || seal_worker(shared, rx, tx))
+                .map_err(spawn_err)?;
         }
         drop(seal_rx);
-        for _ in 0..threads {
+        for i in 0..threads {
             let rx = file_rx.clone();
             let tx = seal_tx.clone();
             let cat_path = cat_path.clone();
-            s.spawn(move || file_worker(shared, rx, tx, &cat_path));
+            let ptx = pack_tx.clone();
+            named(format!("hv-file-{i}"))
+                .spawn_scoped(s, move || {
+                    file_worker(shared, rx, tx, ptx, &cat_path, setup)
+                })
+                .map_err(spawn_err)?;
         }
         drop(file_rx);
         drop(seal_tx);
         let ptx = pack_tx.clone();
-        let builder = s.spawn(move || {
-            tree_builder(shared, build_rx, ptx).inspect_err(|e| {
-                shared.fail(Error::Pipeline(format!("tree builder: {e}")));
+        let builder = named("hv-trees".into())
+            .spawn_scoped(s, move || {
+                tree_builder(shared, build_rx, ptx).inspect_err(|e| {
+                    shared.fail(Error::Pipeline(format!("tree builder: {e}")));
+                })
             })
-        });
+            .map_err(spawn_err)?;
         drop(pack_tx);
 
         let walk = Walker::new(shared, file_tx, build_tx).run(roots, parent_root);
@@ -125,8 +142,18 @@ fn file_worker(
     shared: &Shared<'_>,
     rx: Receiver<FileJob>,
     tx: Sender<RawBlob>,
+    pack_tx: Sender<SealedBlob>,
     cat: &std::path::Path,
+    setup: &ChunkerSetup,
 ) {
+    let mut sealer = match Sealer::new(shared.repo.config().zstd_level) {
+        Ok(s) => s,
+        Err(e) => {
+            shared.fail(e);
+            for _ in rx {}
+            return;
+        }
+    };
     let reader = match Catalog::open_reader(cat) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -134,12 +161,23 @@ fn file_worker(
             None
         }
     };
+    // One read buffer per worker, reused for every file.
+    let mut buf = Vec::new();
     for job in rx {
         // After an abort keep draining so the walker never blocks.
         let Some(reader) = reader.as_ref().filter(|_| !shared.aborted()) else {
             continue;
         };
-        match read_file(shared, &job, reader, &tx) {
+        let mut ctx = FileCtx {
+            shared,
+            reader,
+            tx: &tx,
+            pack_tx: &pack_tx,
+            sealer: &mut sealer,
+            setup,
+            buf: &mut buf,
+        };
+        match ctx.read_file(&job) {
             Ok(entry) => {
                 let _ = job.reply.send(entry);
             }
@@ -148,89 +186,160 @@ fn file_worker(
     }
 }
 
-/// Read, chunk and claim one file. `Ok(None)` = unreadable (issue recorded);
-/// `Err` = the backup must stop.
-fn read_file(
-    shared: &Shared<'_>,
-    job: &FileJob,
-    reader: &Catalog,
-    tx: &Sender<RawBlob>,
-) -> Result<Option<Entry>> {
-    let repo = shared.repo;
-    let keys = repo.keys().content()?;
-    let mut entry = job.entry.clone();
-    let file = match std::fs::File::open(&job.path) {
-        Ok(f) => f,
-        Err(e) => {
-            shared.issue(&job.path, format!("cannot open: {e}"));
-            return Ok(None);
-        }
-    };
-    let before = file.metadata().ok();
-    let mut chunker = Chunker::new(&file, repo.config().chunker, keys.gear_seed());
-    let mut size = 0u64;
-    loop {
-        let chunk = match chunker.next_chunk() {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(e) => {
-                shared.issue(&job.path, format!("read failed after {size} bytes: {e}"));
-                return Ok(None);
-            }
-        };
+/// Chunks below this size are sealed by the file worker itself: handing a
+/// small file's only chunk to another thread costs more than sealing it.
+const INLINE_SEAL: usize = 128 * 1024;
+
+struct FileCtx<'a, 's, 'r> {
+    shared: &'s Shared<'r>,
+    reader: &'a Catalog,
+    tx: &'a Sender<RawBlob>,
+    pack_tx: &'a Sender<SealedBlob>,
+    sealer: &'a mut Sealer,
+    setup: &'a ChunkerSetup,
+    buf: &'a mut Vec<u8>,
+}
+
+impl FileCtx<'_, '_, '_> {
+    /// Take one chunk: record its id and, unless already stored, seal it
+    /// here (small) or hand it to the seal workers (large).
+    fn chunk(&mut self, entry: &mut Entry, chunk: Vec<u8>) -> Result<()> {
+        let keys = self.shared.repo.keys().content()?;
         let id = keys.id_of(&chunk);
-        size += chunk.len() as u64;
-        shared
+        self.shared
             .progress
             .bytes_done
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         entry.chunks.push(id);
-        if shared.claim(&id, reader)? {
+        if !self.shared.claim(&id, self.reader)? {
+            return Ok(());
+        }
+        if chunk.len() < INLINE_SEAL {
+            let sealed = self
+                .sealer
+                .seal_verified(keys, BlobKind::Data, &id, &chunk)?;
+            let b = SealedBlob {
+                kind: BlobKind::Data,
+                id,
+                raw_len: chunk.len() as u32,
+                sealed,
+            };
+            self.pack_tx
+                .send(b)
+                .map_err(|_| Error::Pipeline("packer stopped".into()))
+        } else {
             let blob = RawBlob {
                 kind: BlobKind::Data,
                 id,
                 data: chunk,
             };
-            if tx.send(blob).is_err() {
-                return Err(Error::Pipeline("seal stage stopped".into()));
+            self.tx
+                .send(blob)
+                .map_err(|_| Error::Pipeline("seal stage stopped".into()))
+        }
+    }
+
+    /// Read and chunk the content of `file` into `entry`; `Ok(Err(reason))` = unreadable.
+    fn content(
+        &mut self,
+        file: &std::fs::File,
+        entry: &mut Entry,
+    ) -> Result<std::result::Result<u64, String>> {
+        let min = self.setup.params().min as u64;
+        if entry.size < min {
+            // Small file: one exact-size read, no chunker buffer.
+            let mut data = Vec::with_capacity(entry.size as usize + 1);
+            if let Err(e) = (&*file).read_to_end(&mut data) {
+                return Ok(Err(format!("read failed: {e}")));
             }
+            let n = data.len() as u64;
+            if n < min {
+                self.chunk(entry, data)?;
+            } else {
+                // It grew while we looked: chunk what we read.
+                let mut c = Chunker::new(&data[..], self.setup, std::mem::take(self.buf));
+                while let Ok(Some(chunk)) = c.next_chunk() {
+                    self.chunk(entry, chunk)?;
+                }
+                *self.buf = c.into_buffer();
+            }
+            return Ok(Ok(n));
         }
-        if shared.aborted() {
-            return Ok(None);
+        let mut c = Chunker::new(file, self.setup, std::mem::take(self.buf));
+        let mut size = 0u64;
+        let res = loop {
+            match c.next_chunk() {
+                Ok(Some(chunk)) => {
+                    size += chunk.len() as u64;
+                    if let Err(e) = self.chunk(entry, chunk) {
+                        break Err(e);
+                    }
+                    if self.shared.aborted() {
+                        break Err(Error::Pipeline("backup aborted".into()));
+                    }
+                }
+                Ok(None) => break Ok(Ok(size)),
+                Err(e) => break Ok(Err(format!("read failed after {size} bytes: {e}"))),
+            }
+        };
+        *self.buf = c.into_buffer();
+        res
+    }
+
+    /// Read, chunk and claim one file. `Ok(None)` = unreadable (issue recorded);
+    /// `Err` = the backup must stop.
+    fn read_file(&mut self, job: &FileJob) -> Result<Option<Entry>> {
+        let shared = self.shared;
+        let mut entry = job.entry.clone();
+        let file = match std::fs::File::open(&job.path) {
+            Ok(f) => f,
+            Err(e) => {
+                shared.issue(&job.path, format!("cannot open: {e}"));
+                return Ok(None);
+            }
+        };
+        let before = file.metadata().ok();
+        let size = match self.content(&file, &mut entry)? {
+            Ok(n) => n,
+            Err(reason) => {
+                shared.issue(&job.path, reason);
+                return Ok(None);
+            }
+        };
+        shared.bytes_read.fetch_add(size, Ordering::Relaxed);
+        let after = file.metadata().ok();
+        let changed = match (&before, &after) {
+            (Some(b), Some(a)) => {
+                b.size() != a.size()
+                    || b.mtime() != a.mtime()
+                    || b.mtime_nsec() != a.mtime_nsec()
+                    || a.size() != size
+            }
+            _ => true,
+        };
+        if changed {
+            shared.issue(
+                &job.path,
+                "changed while being read; stored content may be inconsistent",
+            );
         }
-    }
-    shared.bytes_read.fetch_add(size, Ordering::Relaxed);
-    let after = file.metadata().ok();
-    let changed = match (&before, &after) {
-        (Some(b), Some(a)) => {
-            b.size() != a.size()
-                || b.mtime() != a.mtime()
-                || b.mtime_nsec() != a.mtime_nsec()
-                || a.size() != size
+        if let Some(a) = &after {
+            let fresh = meta::entry_from_metadata(entry.name.clone(), a);
+            entry.mtime_ns = fresh.mtime_ns;
+            // ctime 0 never matches: a file that changed while read is read again next time.
+            entry.ctime_ns = if changed { 0 } else { fresh.ctime_ns };
+            entry.mode = fresh.mode;
+            entry.uid = fresh.uid;
+            entry.gid = fresh.gid;
         }
-        _ => true,
-    };
-    if changed {
-        shared.issue(
-            &job.path,
-            "changed while being read; stored content may be inconsistent",
-        );
+        entry.size = size;
+        match meta::read_xattrs(&job.path) {
+            Ok(x) => entry.xattrs = x,
+            Err(e) => shared.issue(&job.path, format!("cannot read xattrs: {e}")),
+        }
+        shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(entry))
     }
-    if let Some(a) = &after {
-        let fresh = meta::entry_from_metadata(entry.name.clone(), a);
-        entry.mtime_ns = fresh.mtime_ns;
-        entry.ctime_ns = if changed { 0 } else { fresh.ctime_ns };
-        entry.mode = fresh.mode;
-        entry.uid = fresh.uid;
-        entry.gid = fresh.gid;
-    }
-    entry.size = size;
-    match meta::read_xattrs(&job.path) {
-        Ok(x) => entry.xattrs = x,
-        Err(e) => shared.issue(&job.path, format!("cannot read xattrs: {e}")),
-    }
-    shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
-    Ok(Some(entry))
 }
 
 fn seal_worker(shared: &Shared<'_>, rx: Receiver<RawBlob>, tx: Sender<SealedBlob>) {
