@@ -157,8 +157,11 @@ pub fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
             }
         }
     }
+    // Distinct trees are walked once (an unchanged subtree is shared by every
+    // snapshot); data ids are looked up per reference rather than remembered,
+    // so memory stays bounded by the number of trees, not of blobs.
     let mut seen_trees = HashSet::new();
-    let mut seen_data = HashSet::new();
+    let reader = crate::catalog::Catalog::open_reader(&repo.catalog_path())?;
     for (sid, snap) in &rows {
         r.snapshots += 1;
         if !repo.snapshots_dir().join(sid.to_hex()).exists() {
@@ -189,7 +192,7 @@ pub fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
                     stack.push(s);
                 }
                 for c in e.chunks {
-                    if seen_data.insert(c) && !repo.catalog()?.contains(&c)? {
+                    if !bad_blobs.contains_key(&c) && !reader.contains(&c)? {
                         bad_blobs.insert(c, "referenced but not catalogued (missing)".into());
                     }
                 }

@@ -51,8 +51,9 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 fn unhex(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
+        // Lowercase only: names on disk are lowercase, and one spelling per id
+        // keeps listings and lookups in agreement.
         b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     }
 }

@@ -68,15 +68,7 @@ pub fn write_keyring(path: &Path, keys: &Keys, passphrase: &[u8], params: KdfPar
     let mut salt = [0u8; 16];
     fill_random(&mut salt)?;
     let kek = derive_kek(passphrase, &salt, params)?;
-    let mut plain = Zeroizing::new(Vec::with_capacity(128));
-    let (i, c) = keys.metadata.stored();
-    plain.extend_from_slice(i);
-    plain.extend_from_slice(c);
-    if let Some(content) = &keys.content {
-        let (i, c) = content.stored();
-        plain.extend_from_slice(i);
-        plain.extend_from_slice(c);
-    }
+    let plain = keys_to_bytes(keys);
     let wrapped = seal_random_with(&kek, KEYRING_AAD, &plain)?;
     let file = KeyringFile {
         version: 1,
@@ -109,6 +101,24 @@ pub fn read_keyring(path: &Path, passphrase: &[u8]) -> Result<Keys> {
         open_random_with(&kek, "keyring", KEYRING_AAD, &wrapped)
             .map_err(|_| Error::WrongPassphrase(path.to_path_buf()))?,
     );
+    keys_from_bytes(&plain).ok_or_else(|| bad("unwrapped key material has a wrong length"))
+}
+
+/// Serialize keys: metadata (id key, cipher key) then, if held, content (id key, cipher key).
+fn keys_to_bytes(keys: &Keys) -> Zeroizing<Vec<u8>> {
+    let mut plain = Zeroizing::new(Vec::with_capacity(128));
+    let (i, c) = keys.metadata.stored();
+    plain.extend_from_slice(i);
+    plain.extend_from_slice(c);
+    if let Some(content) = &keys.content {
+        let (i, c) = content.stored();
+        plain.extend_from_slice(i);
+        plain.extend_from_slice(c);
+    }
+    plain
+}
+
+fn keys_from_bytes(plain: &[u8]) -> Option<Keys> {
     let set = |b: &[u8]| -> KeySet {
         let mut a = [0u8; 32];
         let mut c = [0u8; 32];
@@ -117,16 +127,40 @@ pub fn read_keyring(path: &Path, passphrase: &[u8]) -> Result<Keys> {
         KeySet::from_keys(a, c)
     };
     match plain.len() {
-        64 => Ok(Keys {
+        64 => Some(Keys {
             metadata: set(&plain[..64]),
             content: None,
         }),
-        128 => Ok(Keys {
+        128 => Some(Keys {
             metadata: set(&plain[..64]),
             content: Some(set(&plain[64..])),
         }),
-        n => Err(bad(&format!("unwrapped key material is {n} bytes"))),
+        _ => None,
     }
+}
+
+/// Context deriving the key that wraps repository keys for an enrollment token.
+pub const ENROLL_WRAP_CONTEXT: &str = "hubvault 2026-11 enrollment key wrap v1";
+/// Associated data of keys wrapped for enrollment.
+pub const ENROLL_AAD: &[u8] = b"hubvault enrollment v1";
+
+/// Seal `keys` under a token's 32-byte secret, so that only the holder of the
+/// token (never the collector relaying the bytes) can read them.
+pub fn wrap_for_enrollment(keys: &Keys, secret: &[u8; 32]) -> Result<Vec<u8>> {
+    let kek = Zeroizing::new(blake3::derive_key(ENROLL_WRAP_CONTEXT, secret));
+    seal_random_with(&kek, ENROLL_AAD, &keys_to_bytes(keys))
+}
+
+/// Open what [`wrap_for_enrollment`] produced.
+pub fn unwrap_enrollment(wrapped: &[u8], secret: &[u8; 32]) -> Result<Keys> {
+    let kek = Zeroizing::new(blake3::derive_key(ENROLL_WRAP_CONTEXT, secret));
+    let plain = Zeroizing::new(open_random_with(
+        &kek,
+        "enrollment keys",
+        ENROLL_AAD,
+        wrapped,
+    )?);
+    keys_from_bytes(&plain).ok_or_else(|| Error::corrupt("enrollment keys", "wrong length"))
 }
 
 #[cfg(test)]
@@ -153,5 +187,17 @@ mod tests {
             read_keyring(&p, b"wrong"),
             Err(Error::WrongPassphrase(_))
         ));
+    }
+
+    #[test]
+    fn enrollment_wrap_round_trip() {
+        let keys = Keys::generate().unwrap();
+        let w = wrap_for_enrollment(&keys, &[7; 32]).unwrap();
+        let back = unwrap_enrollment(&w, &[7; 32]).unwrap();
+        assert_eq!(
+            back.content().unwrap().id_of(b"x"),
+            keys.content().unwrap().id_of(b"x")
+        );
+        assert!(unwrap_enrollment(&w, &[8; 32]).is_err());
     }
 }

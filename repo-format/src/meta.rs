@@ -39,8 +39,15 @@ pub fn entry_from_metadata(name: Vec<u8>, md: &Metadata) -> Entry {
     e.mode = md.mode() & 0o7777;
     e.uid = md.uid();
     e.gid = md.gid();
-    e.mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
-    e.ctime_ns = md.ctime() * 1_000_000_000 + md.ctime_nsec();
+    // Saturating: a timestamp outside 1677..2262 must not panic (it clamps).
+    e.mtime_ns = md
+        .mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(md.mtime_nsec());
+    e.ctime_ns = md
+        .ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(md.ctime_nsec());
     e.dev = md.dev();
     e.ino = md.ino();
     e.nlink = md.nlink();

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, bounded};
 
-use crate::blob;
+use crate::blob::{self, BlobKind};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::fsutil::tmp_name;
@@ -413,6 +413,20 @@ fn write_file(
     let mut off = 0u64;
     for id in &e.chunks {
         let loc = reader.lookup(id)?.ok_or(Error::MissingBlob(*id))?;
+        // File content is only ever a data blob: a tree blob (sealed with the
+        // metadata key, which the collector holds) must never become file bytes.
+        if loc.kind != BlobKind::Data {
+            return Err(Error::corrupt(
+                format!("file entry {:?}", String::from_utf8_lossy(&e.name)),
+                format!("chunk {id} is not a data blob"),
+            ));
+        }
+        if loc.length as usize > crate::consts::MAX_BLOB_SEALED {
+            return Err(Error::corrupt(
+                format!("catalog entry of blob {id}"),
+                "length over the blob limit",
+            ));
+        }
         let mut sealed = vec![0u8; loc.length as usize];
         repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
         let plain = opener.open(repo.keyset(loc.kind)?, loc.kind, id, &sealed)?;

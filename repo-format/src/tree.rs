@@ -147,6 +147,19 @@ pub fn encode(entries: &[Entry]) -> Result<Vec<u8>> {
             )));
         }
         prev = Some(&e.name);
+        let over = e.xattrs.len() > u16::MAX as usize
+            || e.user.len() > u8::MAX as usize
+            || e.group.len() > u8::MAX as usize
+            || e.target.len() > MAX_LINK_TARGET
+            || e.xattrs
+                .iter()
+                .any(|(k, v)| k.len() > u16::MAX as usize || v.len() > MAX_XATTR_VALUE);
+        if over {
+            return Err(Error::Pipeline(format!(
+                "tree entry {:?} has metadata over the format's limits",
+                String::from_utf8_lossy(&e.name)
+            )));
+        }
         put_bytes16(&mut out, &e.name);
         out.push(e.kind as u8);
         for v in [e.mode, e.uid, e.gid] {

@@ -253,7 +253,9 @@ impl FileCtx<'_, '_, '_> {
                 return Ok(Err(format!("read failed: {e}")));
             }
             let n = data.len() as u64;
-            if n < min {
+            if n == 0 {
+                // An empty file has no chunks, however it was read.
+            } else if n < min {
                 self.chunk(entry, data)?;
             } else {
                 // It grew while we looked: chunk what we read.
