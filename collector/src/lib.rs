@@ -1,5 +1,84 @@
-//! The collector (`hubvault-collector`): gRPC server over mTLS, enrollment
-//! and PKI, ingest, snapshot commit, jobs, retention and status.
+//! # collector: `hubvault-collector`
 //!
-//! Not built yet: this crate is filled by issue 3 (the network). It exists
-//! now so the workspace has its final shape; it exports nothing.
+//! The central server: one TLS port serving three gRPC services.
+//! - [`service::enroll`]: token + CSR → client certificate (no certificate needed);
+//! - [`service::agent`]: what edge agents call (control stream, uploads, commits, reads);
+//! - [`service::admin`]: what central IT calls through `hubvault`.
+//!
+//! Layout: [`pki`] (embedded CA), [`tls`] (rustls config with a swappable
+//! CRL-checking verifier), [`auth`] (caller identity and revocation on every
+//! call), [`state`] (SQLite: sites, agents, tokens, revocations), [`server`]
+//! (accept loop, TLS handshakes, tonic), [`error`] (one mapping to `Status`).
+//!
+//! Data directory:
+//! ```text
+//! <data>/pki/        ca.pem ca.key server.pem server.key
+//! <data>/state.db    collector state
+//! <data>/repo/       the repository (its keyring holds the metadata key only)
+//! <data>/repo.pass   passphrase of that keyring (0600)
+//! <data>/admin/      the admin identity written by init: move it to central IT's machine
+//! ```
+
+pub mod auth;
+pub mod error;
+pub mod init;
+pub mod pki;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::auth::Revoked;
+use crate::error::ServiceError;
+use crate::pki::Pki;
+use crate::state::State;
+use crate::tls::SwappableVerifier;
+use proto::pb;
+
+/// Commands pushed to a connected agent.
+pub type CommandSender = mpsc::Sender<Result<pb::CollectorCommand, tonic::Status>>;
+
+/// Everything the services share.
+pub struct Ctx {
+    /// The data directory.
+    pub data: PathBuf,
+    /// The CA.
+    pub pki: Pki,
+    /// Sites, agents, tokens, revocations.
+    pub state: State,
+    /// The TLS client verifier (swapped on each CRL).
+    pub verifier: Arc<SwappableVerifier>,
+    /// Serials refused on every call.
+    pub revoked: Arc<Revoked>,
+    /// Open control streams by agent id.
+    pub sessions: Mutex<HashMap<String, CommandSender>>,
+    /// Repository parameters agents need.
+    pub repo_params: pb::RepoParams,
+}
+
+impl Ctx {
+    /// Run blocking work (SQLite, signing) off the async runtime.
+    pub async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Ctx) -> Result<T, ServiceError> + Send + 'static,
+    {
+        let ctx = self.clone();
+        tokio::task::spawn_blocking(move || f(&ctx))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("blocking task failed: {e}")))?
+    }
+
+    /// Publish a CRL of every revoked serial to the TLS verifier.
+    pub fn publish_crl(&self) -> Result<(), ServiceError> {
+        let (serials, number) = self.state.revoked()?;
+        let crl = self.pki.crl(&serials, number.max(1))?;
+        self.verifier.publish(&self.pki.ca_der()?, &crl)
+    }
+}

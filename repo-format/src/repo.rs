@@ -53,6 +53,18 @@ pub(crate) fn catalog_path(root: &Path) -> PathBuf {
 impl Repository {
     /// Create a new repository in `root` (which must not exist or be empty).
     pub fn init(root: &Path, passphrase: &[u8], kdf: KdfParams, config: RepoConfig) -> Result<()> {
+        Self::init_with_keys(root, passphrase, kdf, config, &Keys::generate()?)
+    }
+
+    /// Create a new repository whose keyring holds `keys` (a collector's
+    /// holds the metadata keys only: it can walk trees, never read content).
+    pub fn init_with_keys(
+        root: &Path,
+        passphrase: &[u8],
+        kdf: KdfParams,
+        config: RepoConfig,
+        keys: &Keys,
+    ) -> Result<()> {
         config.validate()?;
         if root.exists()
             && std::fs::read_dir(root)
@@ -70,8 +82,7 @@ impl Repository {
             std::fs::create_dir_all(&p).map_err(|e| Error::io("creating", &p, e))?;
         }
         DirStore::create_layout(&root.join("packs"))?;
-        let keys = Keys::generate()?;
-        keyring::write_keyring(&root.join("keyring"), &keys, passphrase, kdf)?;
+        keyring::write_keyring(&root.join("keyring"), keys, passphrase, kdf)?;
         Catalog::create(&catalog_path(root))?;
         // config last: its presence marks a complete repository.
         config.save(&root.join("config"))

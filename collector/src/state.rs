@@ -1,0 +1,294 @@
+//! The collector's own state (SQLite, WAL, synchronous=FULL): sites,
+//! agents, enrollment tokens, revoked serials and counters. Separate from the
+//! repository catalog, which stays the pure index `repo-format` defines.
+//!
+//! One connection behind a mutex; callers use it from `spawn_blocking`.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::ServiceError;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sites (
+    name       TEXT PRIMARY KEY,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id     TEXT PRIMARY KEY,
+    site         TEXT NOT NULL REFERENCES sites(name),
+    hostname     TEXT NOT NULL,
+    serial       INTEGER NOT NULL UNIQUE,
+    enrolled_ns  INTEGER NOT NULL,
+    last_seen_ns INTEGER NOT NULL DEFAULT 0,
+    revoked_ns   INTEGER
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id     BLOB PRIMARY KEY,
+    site         TEXT NOT NULL REFERENCES sites(name),
+    expires_ns   INTEGER NOT NULL,
+    used_ns      INTEGER,
+    wrapped_keys BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revoked (
+    serial  INTEGER PRIMARY KEY,
+    time_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters(name, value) VALUES ('serial', 1000), ('crl', 0);
+";
+
+/// An agent as the collector knows it.
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    /// Its id.
+    pub agent_id: String,
+    /// Its site.
+    pub site: String,
+    /// Host name it gave at enrollment.
+    pub hostname: String,
+    /// Its certificate serial.
+    pub serial: u64,
+    /// Last heartbeat, ns since the epoch (0 = never).
+    pub last_seen_ns: i64,
+    /// When it was revoked, if it was.
+    pub revoked_ns: Option<i64>,
+}
+
+/// A consumed enrollment token.
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    /// The site it enrolls into.
+    pub site: String,
+    /// Repository keys sealed under the token's secret.
+    pub wrapped_keys: Vec<u8>,
+}
+
+/// The state database.
+pub struct State {
+    conn: Mutex<Connection>,
+}
+
+/// Nanoseconds since the epoch, now.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl State {
+    /// Open (creating if needed) the state database at `path`.
+    pub fn open(path: &Path) -> Result<State, ServiceError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if ok != "ok" {
+            return Err(ServiceError::Internal(format!(
+                "state database {} is damaged: {ok}",
+                path.display()
+            )));
+        }
+        conn.execute_batch(SCHEMA)?;
+        Ok(State {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>, ServiceError> {
+        self.conn
+            .lock()
+            .map_err(|_| ServiceError::Internal("state mutex poisoned".into()))
+    }
+
+    /// Add a site.
+    pub fn add_site(&self, name: &str) -> Result<(), ServiceError> {
+        let n = self.conn()?.execute(
+            "INSERT OR IGNORE INTO sites(name, created_ns) VALUES (?1, ?2)",
+            params![name, now_ns()],
+        )?;
+        if n == 0 {
+            return Err(ServiceError::Exists(format!("site {name}")));
+        }
+        Ok(())
+    }
+
+    /// True when the site exists.
+    pub fn site_exists(&self, name: &str) -> Result<bool, ServiceError> {
+        Ok(self
+            .conn()?
+            .query_row("SELECT 1 FROM sites WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// All site names.
+    pub fn sites(&self) -> Result<Vec<String>, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare("SELECT name FROM sites ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Register a one-time token.
+    pub fn add_token(
+        &self,
+        id: &[u8],
+        site: &str,
+        expires_ns: i64,
+        wrapped: &[u8],
+    ) -> Result<(), ServiceError> {
+        let n = self.conn()?.execute(
+            "INSERT OR IGNORE INTO tokens(token_id, site, expires_ns, wrapped_keys) VALUES (?1, ?2, ?3, ?4)",
+            params![id, site, expires_ns, wrapped],
+        )?;
+        if n == 0 {
+            return Err(ServiceError::Exists("token id".into()));
+        }
+        Ok(())
+    }
+
+    /// Consume a token and record the enrolled agent, atomically: a token
+    /// works once, and only before it expires.
+    pub fn enroll(
+        &self,
+        token_id: &[u8],
+        hostname: &str,
+    ) -> Result<(TokenRow, String, u64), ServiceError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let row: Option<(String, i64, Option<i64>, Vec<u8>)> = tx
+            .query_row(
+                "SELECT site, expires_ns, used_ns, wrapped_keys FROM tokens WHERE token_id = ?1",
+                [token_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let now = now_ns();
+        let (site, wrapped_keys) = match row {
+            None => {
+                return Err(ServiceError::Unauthenticated(
+                    "unknown enrollment token".into(),
+                ));
+            }
+            Some((_, _, Some(_), _)) => {
+                return Err(ServiceError::Unauthenticated(
+                    "enrollment token already used; create a new one with `hubvault enroll-token`"
+                        .into(),
+                ));
+            }
+            Some((_, exp, None, _)) if exp <= now => {
+                return Err(ServiceError::Unauthenticated(
+                    "enrollment token expired".into(),
+                ));
+            }
+            Some((site, _, None, w)) => (site, w),
+        };
+        tx.execute(
+            "UPDATE tokens SET used_ns = ?1 WHERE token_id = ?2",
+            params![now, token_id],
+        )?;
+        let serial = next_counter(&tx, "serial")?;
+        let agent_id = format!("{site}-{serial}");
+        tx.execute(
+            "INSERT INTO agents(agent_id, site, hostname, serial, enrolled_ns) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![agent_id, site, hostname, serial as i64, now],
+        )?;
+        tx.commit()?;
+        Ok((TokenRow { site, wrapped_keys }, agent_id, serial))
+    }
+
+    /// The next certificate serial (for admin certificates).
+    pub fn next_serial(&self) -> Result<u64, ServiceError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let s = next_counter(&tx, "serial")?;
+        tx.commit()?;
+        Ok(s)
+    }
+
+    /// All agents.
+    pub fn agents(&self) -> Result<Vec<AgentRow>, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(
+            "SELECT agent_id, site, hostname, serial, last_seen_ns, revoked_ns FROM agents ORDER BY site, agent_id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(AgentRow {
+                agent_id: r.get(0)?,
+                site: r.get(1)?,
+                hostname: r.get(2)?,
+                serial: r.get::<_, i64>(3)? as u64,
+                last_seen_ns: r.get(4)?,
+                revoked_ns: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Record a heartbeat.
+    pub fn seen(&self, agent_id: &str) -> Result<(), ServiceError> {
+        self.conn()?.execute(
+            "UPDATE agents SET last_seen_ns = ?1 WHERE agent_id = ?2",
+            params![now_ns(), agent_id],
+        )?;
+        Ok(())
+    }
+
+    /// Revoke an agent: returns its serial and the new CRL number.
+    pub fn revoke(&self, agent_id: &str) -> Result<(u64, u64), ServiceError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let serial: Option<i64> = tx
+            .query_row(
+                "SELECT serial FROM agents WHERE agent_id = ?1",
+                [agent_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let serial = serial.ok_or_else(|| ServiceError::NotFound(format!("agent {agent_id}")))?;
+        let now = now_ns();
+        tx.execute(
+            "UPDATE agents SET revoked_ns = coalesce(revoked_ns, ?1) WHERE agent_id = ?2",
+            params![now, agent_id],
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked(serial, time_ns) VALUES (?1, ?2)",
+            params![serial, now],
+        )?;
+        let crl = next_counter(&tx, "crl")?;
+        tx.commit()?;
+        Ok((serial as u64, crl))
+    }
+
+    /// Every revoked serial and the current CRL number.
+    pub fn revoked(&self) -> Result<(Vec<u64>, u64), ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare("SELECT serial FROM revoked ORDER BY serial")?;
+        let rows = st.query_map([], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        let serials = rows.collect::<Result<_, _>>()?;
+        let crl: i64 = c.query_row("SELECT value FROM counters WHERE name = 'crl'", [], |r| {
+            r.get(0)
+        })?;
+        Ok((serials, crl as u64))
+    }
+}
+
+fn next_counter(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<u64, ServiceError> {
+    tx.execute(
+        "UPDATE counters SET value = value + 1 WHERE name = ?1",
+        [name],
+    )?;
+    let v: i64 = tx.query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })?;
+    Ok(v as u64)
+}
