@@ -1,8 +1,9 @@
 //! `hubvault`: the command central IT types.
 //!
-//! For now it holds the offline repository commands (`hubvault repo …`),
-//! which work on a repository directory directly through `repo-format`.
-//! The collector-facing commands arrive with the network (issue 3).
+//! Two families: the offline repository commands (`hubvault repo …`), which
+//! work on a repository directory directly through `repo-format`, and the
+//! collector-facing commands (`site`, `enroll-token`, `agents`, `status`,
+//! `agent revoke`), which speak gRPC over mTLS with the admin identity.
 
 mod commands;
 mod output;
@@ -16,6 +17,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "hubvault", version, about)]
 struct Cli {
+    #[command(flatten)]
+    remote: commands::remote::Remote,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,6 +28,33 @@ enum Command {
     /// Work on a repository directory directly (offline).
     #[command(subcommand)]
     Repo(commands::repo::RepoCommand),
+    /// Manage sites (offices).
+    #[command(subcommand)]
+    Site(commands::remote::SiteCommand),
+    /// Create a one-time enrollment token for a new agent of a site.
+    EnrollToken {
+        /// The site the agent will belong to.
+        #[arg(long)]
+        site: String,
+        /// Validity (e.g. 30m, 24h, 7d; at most 30d).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List agents.
+    Agents {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A row per site: agents, online, last snapshot.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage one agent.
+    #[command(subcommand)]
+    Agent(commands::remote::AgentCommand),
     /// Back up PATHs into a local repository with embedded defaults (created on first use).
     Quickstart {
         /// Where the repository and its generated passphrase live.
@@ -52,6 +82,13 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Repo(c) => commands::repo::run(c),
         Command::Quickstart { data, paths } => commands::quickstart::run(&data, &paths),
+        Command::Site(c) => commands::remote::site(&cli.remote, c),
+        Command::EnrollToken { site, ttl, json } => {
+            commands::remote::enroll_token(&cli.remote, &site, &ttl, json)
+        }
+        Command::Agents { json } => commands::remote::agents(&cli.remote, json),
+        Command::Status { json } => commands::remote::status(&cli.remote, json),
+        Command::Agent(c) => commands::remote::agent(&cli.remote, c),
     };
     match res {
         Ok(code) => code,

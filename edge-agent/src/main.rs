@@ -1,0 +1,84 @@
+//! `hubvault-agent`: `enroll` with a token, then `run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use edge_agent::control::ControlOptions;
+use edge_agent::state::StateDir;
+use repo_format::keyring::KdfParams;
+
+/// The hubvault edge agent.
+#[derive(Parser)]
+#[command(name = "hubvault-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll with a collector using a one-time token from `hubvault enroll-token`.
+    Enroll {
+        /// Collector address, e.g. https://collector.example:7443.
+        #[arg(long)]
+        collector: String,
+        /// The token.
+        #[arg(long, env = "HUBVAULT_TOKEN")]
+        token: String,
+        /// State directory (created).
+        #[arg(long)]
+        state: PathBuf,
+        /// Argon2id memory in KiB for the local keyring (tests use a small value).
+        #[arg(long, hide = true)]
+        kdf_memory_kib: Option<u32>,
+    },
+    /// Run: keep the control stream to the collector up.
+    Run {
+        /// State directory written by `enroll`.
+        #[arg(long)]
+        state: PathBuf,
+        /// Seconds between heartbeats.
+        #[arg(long, default_value_t = 10, hide = true)]
+        heartbeat_secs: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUBVAULT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match Cli::parse().command {
+        Command::Enroll {
+            collector,
+            token,
+            state,
+            kdf_memory_kib,
+        } => {
+            let mut kdf = KdfParams::default();
+            if let Some(m) = kdf_memory_kib {
+                kdf.m_cost_kib = m;
+                kdf.t_cost = 1;
+            }
+            let cfg = rt.block_on(edge_agent::enroll::enroll(&collector, &token, &state, kdf))?;
+            println!("enrolled as {} at site {}", cfg.agent_id, cfg.site);
+            Ok(())
+        }
+        Command::Run {
+            state,
+            heartbeat_secs,
+        } => {
+            let st = StateDir::new(&state);
+            let opts = ControlOptions {
+                heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
+            };
+            rt.block_on(edge_agent::control::run(&st, &opts))
+        }
+    }
+}

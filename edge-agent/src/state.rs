@@ -1,0 +1,89 @@
+//! The agent's state directory:
+//!
+//! ```text
+//! agent.json   collector address, site, agent id, repository parameters
+//! agent.key    private key (0600), generated here, never sent
+//! agent.pem    certificate issued by the collector
+//! ca.pem       the collector's CA
+//! keyring      repository keys, wrapped under `passphrase` (0600)
+//! ```
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Contents of `agent.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// Collector address (https://host:port).
+    pub collector: String,
+    /// Site of this agent.
+    pub site: String,
+    /// This agent's id.
+    pub agent_id: String,
+    /// FastCDC min/avg/max and zstd level of the repository.
+    pub chunk_min: u32,
+    /// Average chunk size.
+    pub chunk_avg: u32,
+    /// Maximum chunk size.
+    pub chunk_max: u32,
+    /// zstd level.
+    pub zstd_level: i32,
+}
+
+/// An agent state directory.
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// The state directory at `dir`.
+    pub fn new(dir: &Path) -> Self {
+        StateDir {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Path of a file in it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// True when the agent has enrolled.
+    pub fn is_enrolled(&self) -> bool {
+        self.path("agent.json").exists()
+    }
+
+    /// Read a file as bytes.
+    pub fn read(&self, name: &str) -> Result<Vec<u8>> {
+        std::fs::read(self.path(name))
+            .with_context(|| format!("reading {} (enrolled?)", self.path(name).display()))
+    }
+
+    /// Write a file; `private` files are created 0600.
+    pub fn write(&self, name: &str, data: &[u8], private: bool) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let p = self.path(name);
+        let tmp = self.path(&format!(".{name}.tmp"));
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if private { 0o600 } else { 0o644 })
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(data)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("renaming into {}", p.display()))
+    }
+
+    /// The agent's configuration.
+    pub fn config(&self) -> Result<AgentConfig> {
+        serde_json::from_slice(&self.read("agent.json")?).context("agent.json is malformed")
+    }
+}
