@@ -1,0 +1,460 @@
+//! End to end over loopback with the real binaries: `hubvault-collector`,
+//! `hubvault-agent` and `hubvault`, each in temp directories. Covers
+//! enrollment, token reuse, hostile CSRs, certificates refused at the door
+//! (none, rogue CA), revocation (new handshakes, calls on an already-open
+//! connection, the live control stream), and malformed requests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::limits::PROTOCOL;
+use proto::pb;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// Path of a workspace binary, building it if this test run did not.
+fn bin(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let p = dir.join(name);
+    if !p.exists() {
+        let pkg = if name == "hubvault" {
+            "admin-cli"
+        } else {
+            "edge-agent"
+        };
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", pkg, "--bin", name])
+            .status()
+            .expect("running cargo build");
+        assert!(st.success(), "building {name}");
+    }
+    p
+}
+
+/// A running collector with its data dir; killed on drop.
+struct Collector {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Collector {
+    fn start() -> Collector {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let out = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+            .args(["init", "--kdf-memory-kib", "1024", "--data"])
+            .arg(&data)
+            .output()
+            .expect("collector init");
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+            .args(["run", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .env("HUBVAULT_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("collector run");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reading the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("listening line")
+            .to_string();
+        Collector {
+            child,
+            url: format!("https://{addr}"),
+            dir,
+        }
+    }
+
+    fn admin_dir(&self) -> PathBuf {
+        self.dir.path().join("data").join("admin")
+    }
+
+    fn hubvault(&self, args: &[&str]) -> Output {
+        Command::new(bin("hubvault"))
+            .args(args)
+            .env("HUBVAULT_ADMIN", self.admin_dir())
+            .env("HUBVAULT_COLLECTOR", &self.url)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("running hubvault")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.hubvault(args);
+        assert!(
+            o.status.success(),
+            "hubvault {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn token(&self, site: &str) -> String {
+        self.ok(&["enroll-token", "--site", site, "--ttl", "1h"])
+            .trim()
+            .to_string()
+    }
+
+    fn enroll(&self, token: &str, state: &Path) -> Output {
+        Command::new(bin("hubvault-agent"))
+            .args([
+                "enroll",
+                "--kdf-memory-kib",
+                "1024",
+                "--collector",
+                &self.url,
+                "--token",
+                token,
+                "--state",
+            ])
+            .arg(state)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("running hubvault-agent enroll")
+    }
+
+    fn agents(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["agents", "--json"])).expect("agents json")
+    }
+
+    /// A TLS channel with an optional client identity from `dir` (`<name>.pem`/`.key`).
+    async fn channel(
+        &self,
+        identity: Option<(&Path, &str)>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let ca = std::fs::read(self.admin_dir().join("ca.pem")).expect("ca");
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("hubvault-collector");
+        if let Some((dir, name)) = identity {
+            let c = std::fs::read(dir.join(format!("{name}.pem"))).expect("cert");
+            let k = std::fs::read(dir.join(format!("{name}.key"))).expect("key");
+            tls = tls.identity(Identity::from_pem(c, k));
+        }
+        Channel::from_shared(self.url.clone())
+            .expect("url")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+    }
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn enroll_once_then_online_then_revoked_everywhere() {
+    let c = Collector::start();
+    c.ok(&["site", "add", "paris"]);
+    let tok = c.token("paris");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = tmp.path().join("agent");
+    let o = c.enroll(&tok, &state);
+    assert!(
+        o.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The token works once.
+    let again = c.enroll(&tok, &tmp.path().join("agent2"));
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already used"));
+
+    // The agent's certificate holds only what the collector chose.
+    let pem = std::fs::read(state.join("agent.pem")).expect("agent.pem");
+    let (_, p) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+    let cert = p.parse_x509().expect("x509");
+    assert!(!cert.is_ca());
+    let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    assert!(life <= 8 * 86400, "short-lived certificate, got {life} s");
+
+    let mut agent = Command::new(bin("hubvault-agent"))
+        .args(["run", "--heartbeat-secs", "1", "--state"])
+        .arg(&state)
+        .env_remove("RUST_BACKTRACE")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent run");
+    wait_for("agent online", || {
+        c.agents().first().is_some_and(|a| a["online"] == true)
+    });
+    let status = c.ok(&["status", "--json"]);
+    assert!(status.contains("\"agents_online\": 1"), "{status}");
+
+    let id = c.agents()[0]["id"].as_str().expect("id").to_string();
+    let rt = rt();
+    rt.block_on(async {
+        // A connection opened before the revocation...
+        let ch = c
+            .channel(Some((&state, "agent")))
+            .await
+            .expect("agent connects");
+        let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+        let before = client
+            .missing_blobs(pb::MissingBlobsRequest {
+                protocol: PROTOCOL,
+                ids: vec![],
+            })
+            .await
+            .expect_err("data path not implemented yet");
+        assert_eq!(
+            before.code(),
+            tonic::Code::Unimplemented,
+            "auth passed before revocation"
+        );
+
+        c.ok(&["agent", "revoke", &id]);
+
+        // ...is refused on its very next call,
+        let after = client
+            .missing_blobs(pb::MissingBlobsRequest {
+                protocol: PROTOCOL,
+                ids: vec![],
+            })
+            .await
+            .expect_err("revoked");
+        assert_eq!(after.code(), tonic::Code::PermissionDenied, "{after:?}");
+        // and a new connection fails its handshake (reported on first use with TLS 1.3).
+        let fresh = match c.channel(Some((&state, "agent"))).await {
+            Err(_) => true,
+            Ok(ch) => pb::agent_service_client::AgentServiceClient::new(ch)
+                .missing_blobs(pb::MissingBlobsRequest {
+                    protocol: PROTOCOL,
+                    ids: vec![],
+                })
+                .await
+                .is_err_and(|s| {
+                    s.code() != tonic::Code::Unimplemented
+                        && s.code() != tonic::Code::PermissionDenied
+                }),
+        };
+        assert!(
+            fresh,
+            "a new handshake with a revoked certificate must fail"
+        );
+    });
+
+    // The live control stream was closed and the agent stopped.
+    let start = Instant::now();
+    let code = loop {
+        if let Some(s) = agent.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "agent kept running after revocation"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!code.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().expect("stderr"), &mut err)
+        .expect("read");
+    assert!(err.contains("revoked"), "{err}");
+    assert_eq!(c.agents()[0]["revoked"], true);
+}
+
+#[test]
+fn callers_without_a_valid_certificate_are_refused() {
+    let c = Collector::start();
+    let rt = rt();
+    rt.block_on(async {
+        // No certificate at all: TLS lets it through (enrollment needs that), the call does not.
+        let ch = c.channel(None).await.expect("anonymous TLS");
+        let e = pb::admin_service_client::AdminServiceClient::new(ch)
+            .list_agents(pb::ListAgentsRequest { protocol: PROTOCOL })
+            .await
+            .expect_err("no certificate");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+        // A certificate from another CA claiming to be the admin.
+        let rogue = tempfile::tempdir().expect("tmp");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("p");
+        ca_p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_p.distinguished_name
+            .push(rcgen::DnType::CommonName, "hubvault collector CA");
+        let issuer = rcgen::Issuer::new(ca_p, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("p");
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            "urn:hubvault:admin:admin".try_into().expect("uri"),
+        )];
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(rogue.path().join("rogue.pem"), cert.pem()).expect("w");
+        std::fs::write(rogue.path().join("rogue.key"), key.serialize_pem()).expect("w");
+        let refused = match c.channel(Some((rogue.path(), "rogue"))).await {
+            Err(_) => true,
+            Ok(ch) => pb::admin_service_client::AdminServiceClient::new(ch)
+                .list_agents(pb::ListAgentsRequest { protocol: PROTOCOL })
+                .await
+                .is_err(),
+        };
+        assert!(refused, "a certificate from a rogue CA must be refused");
+
+        // The real admin works, and the wrong protocol version is refused clearly.
+        let ch = c
+            .channel(Some((&c.admin_dir(), "admin")))
+            .await
+            .expect("admin");
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(ch);
+        admin
+            .list_agents(pb::ListAgentsRequest { protocol: PROTOCOL })
+            .await
+            .expect("admin call");
+        let e = admin
+            .list_agents(pb::ListAgentsRequest { protocol: 99 })
+            .await
+            .expect_err("v99");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        // An admin certificate is not an agent certificate.
+        let e = pb::agent_service_client::AgentServiceClient::new(
+            c.channel(Some((&c.admin_dir(), "admin")))
+                .await
+                .expect("ch"),
+        )
+        .missing_blobs(pb::MissingBlobsRequest {
+            protocol: PROTOCOL,
+            ids: vec![],
+        })
+        .await
+        .expect_err("wrong role");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    });
+}
+
+#[test]
+fn hostile_csr_gets_only_what_the_collector_chooses() {
+    let c = Collector::start();
+    c.ok(&["site", "add", "lyon"]);
+    let tok = c.token("lyon");
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(tok.strip_prefix("hv1.").expect("prefix"))
+        .expect("b64");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).expect("p");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        "urn:hubvault:agent:paris:boss".try_into().expect("uri"),
+    ));
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::CodeSigning,
+    ];
+    p.not_after = rcgen::date_time_ymd(2040, 1, 1);
+    let csr = p.serialize_request(&key).expect("csr");
+    let rt = rt();
+    let resp = rt.block_on(async {
+        let ch = c.channel(None).await.expect("ch");
+        pb::enroll_service_client::EnrollServiceClient::new(ch)
+            .enroll(pb::EnrollRequest {
+                protocol: PROTOCOL,
+                token_id: raw[..16].to_vec(),
+                csr_der: csr.der().to_vec(),
+                hostname: "x".into(),
+            })
+            .await
+            .expect("enroll")
+            .into_inner()
+    });
+    assert_eq!(resp.site, "lyon");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(resp.certificate_pem.as_bytes()).expect("pem");
+    let cert = pem.parse_x509().expect("x509");
+    assert!(!cert.is_ca(), "CSR asked for CA: must not get it");
+    let eku = cert
+        .extended_key_usage()
+        .expect("eku")
+        .expect("present")
+        .value;
+    assert!(
+        eku.client_auth && !eku.server_auth && !eku.code_signing,
+        "only clientAuth"
+    );
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .expect("san")
+        .expect("present")
+        .value
+        .general_names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect();
+    assert_eq!(sans.len(), 1, "{sans:?}");
+    assert!(sans[0].contains("urn:hubvault:agent:lyon:"), "{sans:?}");
+    assert!(
+        cert.validity().not_after.timestamp() < rcgen::date_time_ymd(2030, 1, 1).unix_timestamp()
+    );
+}
+
+#[test]
+fn unknown_token_and_missing_site_are_refused() {
+    let c = Collector::start();
+    let o = c.hubvault(&["enroll-token", "--site", "nowhere"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("site nowhere"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    c.ok(&["site", "add", "nice"]);
+    let tok = c.token("nice");
+    // Same CA and format, but an id the collector never issued.
+    use base64::Engine;
+    let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(tok.strip_prefix("hv1.").expect("prefix"))
+        .expect("b64");
+    raw[0] ^= 0xff;
+    let forged = format!(
+        "hv1.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let o = c.enroll(&forged, &tmp.path().join("a"));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown enrollment token"));
+    assert!(
+        !tmp.path().join("a").join("agent.json").exists(),
+        "nothing enrolled"
+    );
+}
