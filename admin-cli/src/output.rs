@@ -23,7 +23,7 @@ pub(crate) fn size(n: u64) -> String {
     }
 }
 
-/// UTC time "2026-11-22 01:37:42" from ns since the epoch.
+/// UTC time like "2026-11-22 03:37:42" from ns since the epoch.
 pub(crate) fn time(ns: i64) -> String {
     let secs = ns.div_euclid(1_000_000_000);
     let days = secs.div_euclid(86_400);
@@ -98,7 +98,7 @@ mod tests {
         assert_eq!(super::time(0), "1970-01-01 00:00:00");
         assert_eq!(
             super::time(1_795_318_662_000_000_000),
-            "2026-11-22 01:37:42"
+            "2026-11-22 03:37:42"
         );
     }
 }

@@ -30,12 +30,23 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// A temporary sibling name for `path` (same directory, so rename is atomic).
+///
+/// Built from the raw bytes of at most the first 200 bytes of the name, so
+/// that a name near the 255-byte limit (or a non-UTF-8 one) still fits.
 pub fn tmp_name(path: &Path) -> std::path::PathBuf {
-    let mut rnd = [0u8; 6];
-    let _ = crate::crypto::fill_random(&mut rnd);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", crate::id::hex_encode(&rnd)))
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut rnd = [0u8; 8];
+    if crate::crypto::fill_random(&mut rnd).is_err() {
+        // Unique enough within one process without randomness.
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        rnd = n.to_le_bytes();
+    }
+    let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    let mut tmp = vec![b'.'];
+    tmp.extend_from_slice(&name[..name.len().min(200)]);
+    tmp.extend_from_slice(format!(".tmp-{}", crate::id::hex_encode(&rnd)).as_bytes());
+    path.with_file_name(std::ffi::OsString::from_vec(tmp))
 }

@@ -147,6 +147,19 @@ pub fn apply(path: &Path, e: &Entry, set_owner: bool) -> Vec<String> {
         warn.push(format!("chown {}:{}: {err}", e.uid, e.gid));
     }
     if e.kind != EntryKind::Symlink {
+        // Remove ACLs the snapshot does not have (e.g. inherited from a default
+        // ACL of the target directory): restore the access captured, no more.
+        // Other xattrs (SELinux labels...) are left to the target system.
+        if let Ok(names) = xattr::list(path) {
+            for n in names {
+                if n.as_bytes().starts_with(b"system.posix_acl_")
+                    && !e.xattrs.iter().any(|(k, _)| k.as_slice() == n.as_bytes())
+                    && let Err(err) = xattr::remove(path, &n)
+                {
+                    warn.push(format!("removing xattr {}: {err}", n.to_string_lossy()));
+                }
+            }
+        }
         for (k, v) in &e.xattrs {
             let name = std::ffi::OsStr::from_bytes(k);
             if let Err(err) = xattr::set(path, name, v) {

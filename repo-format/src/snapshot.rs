@@ -72,6 +72,15 @@ pub struct Snapshot {
     pub issues: Vec<BackupIssue>,
     /// More issues than recorded in `issues`.
     pub issues_dropped: u64,
+    /// Site that made it (snapshots committed through a collector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Agent that made it (snapshots committed through a collector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Source (named set of paths) it protects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Snapshot {

@@ -130,6 +130,9 @@ fn example_snapshot() -> Snapshot {
         },
         issues: vec![],
         issues_dropped: 0,
+        site: None,
+        agent: None,
+        source: None,
     }
 }
 

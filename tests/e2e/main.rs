@@ -1,1 +1,20 @@
-//! e2e tests.
+//! End-to-end tests of the repository engine (`repo-format`), driven through
+//! its library API on temporary directories:
+//!
+//! - [`roundtrip`]: backup → restore is bit-exact with metadata (random trees
+//!   by proptest, a fixed tree with every kind of entry, long names).
+//! - [`hostile`]: hand-crafted trees with hostile names and symlinks planted
+//!   in the target never make a restore write outside its target.
+//! - [`concurrent`]: two backups at once into one repository.
+//! - [`faults`]: a pack store that fails mid-backup leaves no snapshot, no
+//!   damage, and the next backup works.
+//! - [`rebuild`]: a lost catalog is rebuilt from packs and snapshot files.
+//! - [`parent`]: a damaged parent snapshot neither leaks lost data into new
+//!   snapshots nor stops backups.
+
+mod concurrent;
+mod faults;
+mod hostile;
+mod parent;
+mod rebuild;
+mod roundtrip;

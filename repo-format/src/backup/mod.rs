@@ -228,13 +228,11 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Res
                 .map(|(id, _)| id)
         }
     };
-    let parent_tree = match parent {
-        Some(id) => {
-            let (_, snap) = repo.find_snapshot(&id.to_hex())?;
-            Some(repo.read_tree(&snap.tree)?)
-        }
-        None => None,
-    };
+    // A damaged or vanished parent only costs speed: back up without it.
+    let parent_tree = parent.and_then(|id| {
+        let (_, snap) = repo.find_snapshot(&id.to_hex()).ok()?;
+        repo.read_tree(&snap.tree).ok()
+    });
 
     let progress = opts.progress.clone().unwrap_or_default();
     let shared = Shared::new(repo, progress);
@@ -262,6 +260,9 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Res
         stats,
         issues,
         issues_dropped: shared.issues_dropped.load(Ordering::Relaxed),
+        site: None,
+        agent: None,
+        source: None,
     };
     let id = repo.commit_snapshot(&snapshot)?;
     Ok(BackupOutcome { id, snapshot })

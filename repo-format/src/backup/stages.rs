@@ -119,7 +119,7 @@ pub(crate) fn run(
             .map_err(spawn_err)?;
         drop(pack_tx);
 
-        let walk = Walker::new(shared, file_tx, build_tx).run(roots, parent_root);
+        let walk = Walker::new(shared, file_tx, build_tx).and_then(|w| w.run(roots, parent_root));
         if let Err(e) = walk {
             shared.fail(e);
         }

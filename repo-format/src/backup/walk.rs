@@ -59,6 +59,7 @@ pub(crate) fn resolve_roots(paths: &[PathBuf]) -> Result<Vec<(Vec<u8>, PathBuf)>
 
 pub(crate) struct Walker<'s, 'r> {
     shared: &'s Shared<'r>,
+    reader: crate::catalog::Catalog,
     files: Sender<FileJob>,
     build: Sender<BuildItem>,
     names: NameCache,
@@ -82,13 +83,14 @@ impl<'s, 'r> Walker<'s, 'r> {
         shared: &'s Shared<'r>,
         files: Sender<FileJob>,
         build: Sender<BuildItem>,
-    ) -> Self {
-        Walker {
+    ) -> Result<Self> {
+        Ok(Walker {
             shared,
+            reader: crate::catalog::Catalog::open_reader(&shared.repo.catalog_path())?,
             files,
             build,
             names: NameCache::default(),
-        }
+        })
     }
 
     fn emit(&self, item: BuildItem) -> Result<()> {
@@ -158,7 +160,13 @@ impl<'s, 'r> Walker<'s, 'r> {
     }
 
     fn file(&mut self, path: PathBuf, mut entry: Entry, old: Option<&Entry>) -> Result<()> {
-        if let Some(old) = old.filter(|o| unchanged(o, &entry)) {
+        // Reuse the parent's chunks only if they are all still catalogued: a
+        // pack lost since (and dropped by a rebuild) must be stored again.
+        let old = match old.filter(|o| unchanged(o, &entry)) {
+            Some(o) if self.reader.missing(&o.chunks)?.is_empty() => Some(o),
+            _ => None,
+        };
+        if let Some(old) = old {
             // An xattr or owner change moves ctime, so these are still current.
             entry.chunks = old.chunks.clone();
             entry.xattrs = old.xattrs.clone();

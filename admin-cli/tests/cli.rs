@@ -1,0 +1,474 @@
+//! The real `hubvault` binary driven on temporary directories: init →
+//! backup → snapshots → ls → restore, and what the operator sees when data
+//! is damaged, the catalog is lost, the passphrase is wrong, or a path
+//! cannot be read.
+//!
+//! Fixtures and the tree comparison come from `tests/support`
+//! (`integration-tests`); the repository library is used only to find where
+//! a blob lies, so a test can damage exactly that blob.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use integration_tests::assert_same_tree;
+use integration_tests::compare::{allocated_bytes, diff_trees, diff_trees_except, xattrs_of};
+use integration_tests::fixture::{self, Meta, Node};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const PASSPHRASE: &str = "cli test passphrase";
+/// Chunk sizes given to `repo init` (small, so the fixture stays small).
+const CHUNKS: (usize, usize, usize) = (1024, 4096, 16384);
+
+/// What one run of the binary did.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+
+    fn expect(self, code: i32) -> Self {
+        assert_eq!(
+            self.code, code,
+            "exit code {} (expected {code})\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// A repository made by `hubvault repo init` in a temporary directory, with
+/// room beside it for sources and restore targets.
+struct Hv {
+    dir: TempDir,
+    repo: PathBuf,
+}
+
+impl Hv {
+    fn init() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = dir.path().join("repo");
+        let hv = Hv { dir, repo };
+        let chunks = format!("{},{},{}", CHUNKS.0, CHUNKS.1, CHUNKS.2);
+        hv.run(
+            "init",
+            &["--kdf-memory-kib", "1024", "--chunk-sizes", &chunks],
+        )
+        .expect(0);
+        hv
+    }
+
+    /// A path beside the repository.
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `hubvault repo <sub> --repo <repo> <args>` with the right passphrase.
+    fn run(&self, sub: &str, args: &[&str]) -> Run {
+        self.run_with(PASSPHRASE, sub, args)
+    }
+
+    fn run_with(&self, passphrase: &str, sub: &str, args: &[&str]) -> Run {
+        let out = Command::new(env!("CARGO_BIN_EXE_hubvault"))
+            .env_remove("HUBVAULT_REPO")
+            .env_remove("HUBVAULT_PASSPHRASE_FILE")
+            .env("HUBVAULT_PASSPHRASE", passphrase)
+            .arg("repo")
+            .arg(sub)
+            .arg("--repo")
+            .arg(&self.repo)
+            .args(args)
+            .output()
+            .expect("run hubvault");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Build the standard fixture at `<dir>/<name>`; returns its path and
+    /// whether the file system took its xattrs.
+    fn fixture(&self, name: &str) -> (PathBuf, bool) {
+        let p = self.path(name);
+        let r = fixture::build(&p, &fixture::standard_tree(CHUNKS)).expect("build fixture");
+        (p, r.xattrs_refused == 0)
+    }
+
+    /// `backup --json <paths>` with the expected exit code; the snapshot JSON.
+    fn backup(&self, paths: &[&Path], code: i32) -> Value {
+        let mut args = vec!["--json", "--threads", "2"];
+        args.extend(paths.iter().map(|p| s(p)));
+        self.run("backup", &args).expect(code).json()
+    }
+
+    /// `restore <snapshot> --target <target> [--path <path>]`.
+    fn restore(&self, snapshot: &str, target: &Path, path: Option<&str>) -> Run {
+        let mut args = vec![snapshot, "--target", s(target), "--threads", "2"];
+        if let Some(p) = path {
+            args.extend(["--path", p]);
+        }
+        self.run("restore", &args)
+    }
+
+    /// Pack files, sorted.
+    fn packs(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for d in std::fs::read_dir(self.repo.join("packs")).expect("ls packs") {
+            for f in std::fs::read_dir(d.expect("fan-out dir").path()).expect("ls fan-out") {
+                v.push(f.expect("pack").path());
+            }
+        }
+        v.sort();
+        v
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8")
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string {key:?} in {v}"))
+}
+
+/// The `ls --json` row for `path`.
+fn row<'a>(rows: &'a Value, path: &str) -> &'a Value {
+    rows.as_array()
+        .and_then(|a| a.iter().find(|r| r["path"] == path))
+        .unwrap_or_else(|| panic!("no {path} in {rows}"))
+}
+
+#[test]
+fn backup_ls_restore_round_trip_is_bit_exact() {
+    let hv = Hv::init();
+    let (src, xattrs_ok) = hv.fixture("src");
+    let snap = hv.backup(&[&src], 0);
+    let id = str_of(&snap, "id").to_string();
+    assert_eq!(snap["issues"], Value::Array(vec![]));
+    assert_eq!(snap["paths"][0], s(&src));
+    assert!(snap["stats"]["files"].as_u64() > Some(20), "{snap}");
+
+    let list = hv.run("snapshots", &["--json"]).expect(0).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["tree"], snap["tree"]);
+
+    let top = hv.run("ls", &["latest", "--json"]).expect(0).json();
+    assert_eq!(row(&top, "/src")["type"], "dir");
+    let rows = hv.run("ls", &[&id[..8], "src", "--json"]).expect(0).json();
+    assert_eq!(row(&rows, "/src/link-rel")["type"], "symlink");
+    assert_eq!(row(&rows, "/src/link-rel")["target"], "hello.txt");
+    assert_eq!(row(&rows, "/src/hello.txt")["size"], 12);
+    assert_eq!(row(&rows, "/src/setuid")["mode"], "4755");
+    assert_eq!(row(&rows, "/src/fifo")["type"], "fifo");
+    assert_eq!(row(&rows, "/src/empty-dir")["type"], "dir");
+    let one = hv
+        .run("ls", &["latest", "src/hello.txt", "--json"])
+        .expect(0)
+        .json();
+    assert_eq!(one.as_array().map(Vec::len), Some(1), "{one}");
+    assert_eq!(one[0]["path"], "/src/hello.txt");
+    let text = hv.run("ls", &["latest", "src/sub/deeper"]).expect(0);
+    assert!(
+        text.stdout.contains("/src/sub/deeper/nested.txt"),
+        "{}",
+        text.stdout
+    );
+
+    let target = hv.path("target");
+    hv.restore(&id, &target, None).expect(0);
+    let dst = target.join("src");
+    assert_same_tree(&src, &dst);
+    let md = |p: &str| std::fs::symlink_metadata(dst.join(p)).expect("restored entry");
+    assert_eq!(md("hardlink-a").ino(), md("sub/hardlink-b").ino());
+    assert!(md("fifo").file_type().is_fifo());
+    // The fixture's mtime of hello.txt: 1_600_000_002.123_456_803.
+    assert_eq!(
+        (md("hello.txt").mtime(), md("hello.txt").mtime_nsec()),
+        (1_600_000_002, 123_456_803)
+    );
+    assert!(allocated_bytes(&dst.join("sparse.img")) <= 256 * 1024);
+    if xattrs_ok {
+        let x = xattrs_of(&dst.join("hello.txt"));
+        assert!(x.iter().any(|(k, _)| k == b"user.comment"), "{x:?}");
+    }
+    let check = hv.run("check", &["--read-data"]).expect(0);
+    assert!(
+        check.stdout.contains("no problems found"),
+        "{}",
+        check.stdout
+    );
+}
+
+#[test]
+fn second_backup_of_unchanged_data_adds_no_blobs() {
+    let hv = Hv::init();
+    let (src, _) = hv.fixture("src");
+    let first = hv.backup(&[&src], 0);
+    let second = hv.backup(&[&src], 0);
+    let st = &second["stats"];
+    assert_eq!(second["parent"], first["id"]);
+    assert_eq!(st["new_blobs"], 0, "{st}");
+    assert_eq!(st["files_unchanged"], st["files"], "{st}");
+    assert_eq!(st["bytes_read"], 0, "{st}");
+    assert!(first["stats"]["new_blobs"].as_u64() > Some(0));
+}
+
+#[test]
+fn restore_of_a_subpath() {
+    let hv = Hv::init();
+    let (src, _) = hv.fixture("src");
+    hv.backup(&[&src], 0);
+    let target = hv.path("target");
+    hv.restore("latest", &target, Some("src/sub")).expect(0);
+    hv.restore("latest", &target, Some("/src/chunks/max+1"))
+        .expect(0);
+    assert_same_tree(&src.join("sub"), &target.join("sub"));
+    assert_same_tree(&src.join("chunks/max+1"), &target.join("max+1"));
+    let names: BTreeSet<_> = std::fs::read_dir(&target)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let miss = hv
+        .restore("latest", &hv.path("t2"), Some("src/nope"))
+        .expect(1);
+    assert!(miss.stderr.contains("no entry"), "{}", miss.stderr);
+}
+
+#[test]
+fn wrong_passphrase_is_refused() {
+    let hv = Hv::init();
+    let (src, _) = hv.fixture("src");
+    for (sub, args) in [("snapshots", vec![]), ("backup", vec![s(&src)])] {
+        let r = hv.run_with("not the passphrase", sub, &args).expect(1);
+        assert!(r.stderr.contains("wrong passphrase"), "{sub}: {}", r.stderr);
+    }
+    assert_eq!(
+        std::fs::read_dir(hv.repo.join("snapshots"))
+            .expect("ls")
+            .count(),
+        0
+    );
+}
+
+/// One flipped bit in a pack: `check --read-data` names exactly the blob
+/// and the snapshot path using it; a restore still writes every other file
+/// bit-exact and fails loudly on that one, leaving nothing of it behind.
+#[test]
+fn flipped_bit_is_named_by_check_and_confined_to_its_file() {
+    let hv = Hv::init();
+    let (src, _) = hv.fixture("src");
+    // Under the minimum chunk size, unique: exactly one blob, used once.
+    let victim = fixture::content(1000, 4242, fixture::Fill::Random);
+    std::fs::write(src.join("victim.bin"), &victim).expect("write victim");
+    let snap = hv.backup(&[&src], 0);
+    let sid = str_of(&snap, "id").to_string();
+
+    let (blob, pack) = {
+        let r = repo_format::Repository::open(
+            &hv.repo,
+            PASSPHRASE.as_bytes(),
+            repo_format::LockMode::Shared,
+        )
+        .expect("open");
+        let id = r.keys().content().expect("content key").id_of(&victim);
+        let loc = r
+            .catalog()
+            .expect("catalog")
+            .lookup(&id)
+            .expect("lookup")
+            .expect("catalogued");
+        let hex = loc.pack.to_hex();
+        let path = hv.repo.join("packs").join(&hex[..2]).join(&hex);
+        flip_bit(&path, loc.offset + u64::from(loc.length) / 2);
+        (id.to_hex(), hex)
+    };
+
+    let report = hv.run("check", &["--read-data", "--json"]).expect(1).json();
+    let problems = report["problems"].as_array().expect("problems");
+    let blobs: Vec<&Value> = problems.iter().filter(|p| p["what"] == "blob").collect();
+    assert_eq!(blobs.len(), 1, "{report:#}");
+    assert_eq!(blobs[0]["id"], blob.as_str());
+    assert_eq!(
+        blobs[0]["used_by"],
+        serde_json::json!([[sid, "/src/victim.bin"]]),
+        "{report:#}"
+    );
+    for p in problems.iter().filter(|p| p["what"] != "blob") {
+        assert_eq!(p["what"], "pack", "{p}");
+        assert_eq!(p["id"], pack.as_str(), "{p}");
+    }
+
+    let target = hv.path("target");
+    let r = hv.restore("latest", &target, None).expect(1);
+    assert!(r.stderr.contains("victim.bin"), "{}", r.stderr);
+    let d = diff_trees_except(&src, &target.join("src"), &[Path::new("victim.bin")]);
+    assert!(d.is_empty(), "{d:#?}");
+    assert!(!target.join("src/victim.bin").exists());
+
+    let sub = hv.path("sub");
+    hv.restore("latest", &sub, Some("src/sub")).expect(0);
+    assert_same_tree(&src.join("sub"), &sub.join("sub"));
+    hv.restore("latest", &hv.path("v"), Some("src/victim.bin"))
+        .expect(1);
+}
+
+fn flip_bit(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open pack");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read byte");
+    b[0] ^= 0x10;
+    f.write_all_at(&b, at).expect("write byte");
+}
+
+fn truncate(path: &Path, len: u64) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .expect("truncate pack");
+}
+
+fn file_name(p: &Path) -> &str {
+    p.file_name().and_then(OsStr::to_str).expect("pack name")
+}
+
+#[test]
+fn truncated_packs_are_reported_by_check() {
+    let hv = Hv::init();
+    let (one, _) = hv.fixture("one");
+    let two = hv.path("two");
+    fixture::build(&two, &fixture::bulk_tree(3, 20_000, 99)).expect("build");
+    let s1 = hv.backup(&[&one], 0);
+    let s2 = hv.backup(&[&two], 0);
+    let packs = hv.packs();
+    assert_eq!(packs.len(), 2, "one pack per backup");
+    truncate(&packs[0], 0);
+    let half = std::fs::metadata(&packs[1]).expect("stat").len() / 2;
+    truncate(&packs[1], half);
+
+    for args in [&["--json"][..], &["--read-data", "--json"][..]] {
+        let report = hv.run("check", args).expect(1).json();
+        let problems = report["problems"].as_array().expect("problems");
+        let damaged: BTreeSet<&str> = problems
+            .iter()
+            .filter(|p| p["what"] == "pack")
+            .filter_map(|p| p["id"].as_str())
+            .collect();
+        let want: BTreeSet<&str> = packs.iter().map(|p| file_name(p)).collect();
+        assert_eq!(damaged, want, "{report:#}");
+        // Every lost blob is named with the snapshots that need it: both.
+        let users: BTreeSet<String> = problems
+            .iter()
+            .filter(|p| p["what"] == "blob")
+            .flat_map(|p| p["used_by"].as_array().cloned().unwrap_or_default())
+            .filter_map(|u| u[0].as_str().map(String::from))
+            .collect();
+        let both = BTreeSet::from([str_of(&s1, "id").into(), str_of(&s2, "id").into()]);
+        assert_eq!(users, both, "{report:#}");
+    }
+    let text = hv.run("check", &[]).expect(1);
+    assert!(text.stdout.contains("DAMAGED pack"), "{}", text.stdout);
+}
+
+#[test]
+fn lost_catalog_is_refused_then_rebuilt() {
+    let hv = Hv::init();
+    let (src, _) = hv.fixture("src");
+    let s1 = hv.backup(&[&src], 0);
+    fixture::build(
+        &src.join("more"),
+        &Node::dir(
+            Meta::new(0o755, 1_000_000_000_000_000_000),
+            vec![(b"new", Node::file(50_000, 5, Meta::new(0o600, 7)))],
+        ),
+    )
+    .expect("build more");
+    let s2 = hv.backup(&[&src], 0);
+    let listed = hv.run("snapshots", &["--json"]).expect(0).json();
+    let ids = [str_of(&s1, "id"), str_of(&s2, "id")];
+    for (i, id) in ids.iter().enumerate() {
+        hv.restore(id, &hv.path(&format!("before-{i}")), None)
+            .expect(0);
+    }
+
+    for f in std::fs::read_dir(&hv.repo).expect("ls repo") {
+        let f = f.expect("entry");
+        if f.file_name().to_string_lossy().starts_with("catalog.db") {
+            std::fs::remove_file(f.path()).expect("rm catalog");
+        }
+    }
+    let t = hv.path("refused");
+    for (sub, args) in [
+        ("snapshots", vec![]),
+        ("ls", vec!["latest"]),
+        ("restore", vec!["latest", "--target", s(&t)]),
+        ("backup", vec![s(&src)]),
+        ("check", vec![]),
+    ] {
+        let r = hv.run(sub, &args).expect(1);
+        assert!(r.stderr.contains("rebuild-catalog"), "{sub}: {}", r.stderr);
+    }
+    assert!(!t.exists(), "a refused restore created its target");
+
+    let report = hv.run("rebuild-catalog", &["--json"]).expect(0).json();
+    assert_eq!(report["snapshots"], 2, "{report}");
+    assert_eq!(report["skipped"], Value::Array(vec![]), "{report}");
+    assert_eq!(report["packs"].as_u64(), Some(hv.packs().len() as u64));
+    assert_eq!(hv.run("snapshots", &["--json"]).expect(0).json(), listed);
+    for (i, id) in ids.iter().enumerate() {
+        let after = hv.path(&format!("after-{i}"));
+        hv.restore(id, &after, None).expect(0);
+        let before = hv.path(&format!("before-{i}"));
+        let d = diff_trees(&before.join("src"), &after.join("src"));
+        assert!(d.is_empty(), "snapshot {i}: {d:#?}");
+    }
+    hv.run("check", &["--read-data"]).expect(0);
+}
+
+/// `/proc/self/mem` opens, but reading it at offset 0 fails with EIO, even
+/// for root: a real unreadable file. The backup commits a partial snapshot
+/// (exit 3) that records the issue and restores everything else.
+#[test]
+fn unreadable_path_gives_a_partial_snapshot() {
+    let hv = Hv::init();
+    let (src, _) = hv.fixture("src");
+    let snap = hv.backup(&[&src, Path::new("/proc/self/mem")], 3);
+    let issues = snap["issues"].as_array().expect("issues");
+    assert_eq!(issues.len(), 1, "{snap:#}");
+    assert!(str_of(&issues[0], "path").ends_with("/mem"), "{snap:#}");
+    assert!(!str_of(&issues[0], "reason").is_empty());
+    let list = hv.run("snapshots", &[]).expect(0);
+    assert!(list.stdout.contains("(partial)"), "{}", list.stdout);
+
+    let target = hv.path("target");
+    hv.restore(str_of(&snap, "id"), &target, None).expect(0);
+    assert_same_tree(&src, &target.join("src"));
+    let names: Vec<_> = std::fs::read_dir(&target)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, vec!["src"]);
+}
