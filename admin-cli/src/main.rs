@@ -55,6 +55,40 @@ enum Command {
     /// Manage one agent.
     #[command(subcommand)]
     Agent(commands::remote::AgentCommand),
+    /// List snapshots at the collector.
+    Snapshots {
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot (of any site) onto an agent (of any site); prints the job id.
+    Restore {
+        /// Snapshot id or unique prefix.
+        snapshot: String,
+        /// Agent that writes the files.
+        #[arg(long)]
+        to_agent: String,
+        /// Absolute directory on that agent.
+        #[arg(long)]
+        target: String,
+        /// Only this path inside the snapshot.
+        #[arg(long)]
+        path: Option<String>,
+    },
+    /// List jobs, or wait for one.
+    Jobs {
+        /// Wait until this job finishes (exit 0 done, 1 failed).
+        #[arg(long)]
+        wait: Option<u64>,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Back up PATHs into a local repository with embedded defaults (created on first use).
     Quickstart {
         /// Where the repository and its generated passphrase live.
@@ -89,6 +123,20 @@ fn main() -> ExitCode {
         Command::Agents { json } => commands::remote::agents(&cli.remote, json),
         Command::Status { json } => commands::remote::status(&cli.remote, json),
         Command::Agent(c) => commands::remote::agent(&cli.remote, c),
+        Command::Snapshots { site, agent, json } => {
+            commands::remote::snapshots(&cli.remote, site, agent, json)
+        }
+        Command::Restore {
+            snapshot,
+            to_agent,
+            target,
+            path,
+        } => commands::remote::restore(&cli.remote, &snapshot, &to_agent, &target, path),
+        Command::Jobs {
+            wait,
+            timeout,
+            json,
+        } => commands::remote::jobs(&cli.remote, wait, timeout, json),
     };
     match res {
         Ok(code) => code,

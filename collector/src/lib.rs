@@ -20,7 +20,9 @@
 //! ```
 
 pub mod auth;
+pub mod commit;
 pub mod error;
+pub mod ingest;
 pub mod init;
 pub mod pki;
 pub mod server;
@@ -60,6 +62,8 @@ pub struct Ctx {
     pub sessions: Mutex<HashMap<String, CommandSender>>,
     /// Repository parameters agents need.
     pub repo_params: pb::RepoParams,
+    /// The repository (metadata keys only: trees readable, content not).
+    pub repo: repo_format::Repository,
 }
 
 impl Ctx {
@@ -73,6 +77,22 @@ impl Ctx {
         tokio::task::spawn_blocking(move || f(&ctx))
             .await
             .map_err(|e| ServiceError::Internal(format!("blocking task failed: {e}")))?
+    }
+
+    /// Push a command to an agent if its control stream is open.
+    pub async fn push(&self, agent_id: &str, cmd: pb::collector_command::Command) -> bool {
+        let tx = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|s| s.get(agent_id).cloned());
+        match tx {
+            Some(tx) => tx
+                .send(Ok(pb::CollectorCommand { command: Some(cmd) }))
+                .await
+                .is_ok(),
+            None => false,
+        }
     }
 
     /// Publish a CRL of every revoked serial to the TLS verifier.

@@ -41,6 +41,14 @@ pub fn load(data: &Path) -> Result<Arc<Ctx>, ServiceError> {
     let crl = pki.crl(&serials, number.max(1))?;
     let verifier = Arc::new(SwappableVerifier::new(&pki.ca_der()?, &crl)?);
     let cfg = RepoConfig::load(&data.join("repo").join("config"))?;
+    let pass_path = data.join("repo.pass");
+    let pass = std::fs::read_to_string(&pass_path)
+        .map_err(|e| ServiceError::io("reading", &pass_path, e))?;
+    let repo = repo_format::Repository::open(
+        &data.join("repo"),
+        pass.trim().as_bytes(),
+        repo_format::LockMode::Shared,
+    )?;
     Ok(Arc::new(Ctx {
         data: data.to_path_buf(),
         pki,
@@ -54,6 +62,7 @@ pub fn load(data: &Path) -> Result<Arc<Ctx>, ServiceError> {
             chunk_max: cfg.chunker.max,
             zstd_level: cfg.zstd_level,
         },
+        repo,
     }))
 }
 

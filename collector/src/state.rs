@@ -40,6 +40,43 @@ CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+-- Which blobs each site uploaded or received: the only source of answers to which-do-you-lack.
+CREATE TABLE IF NOT EXISTS site_blobs (
+    site TEXT NOT NULL,
+    id   BLOB NOT NULL,
+    PRIMARY KEY (site, id)
+) WITHOUT ROWID;
+-- Trees whose whole subtree was verified present for a site at a commit.
+CREATE TABLE IF NOT EXISTS site_trees (
+    site TEXT NOT NULL,
+    id   BLOB NOT NULL,
+    PRIMARY KEY (site, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS commits (
+    agent_id TEXT NOT NULL,
+    key      BLOB NOT NULL,
+    snapshot BLOB NOT NULL,
+    time_ns  INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id     INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    agent_id   TEXT NOT NULL,
+    snapshot   BLOB NOT NULL,
+    target     TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    state      INTEGER NOT NULL,
+    message    TEXT NOT NULL DEFAULT '',
+    files      INTEGER NOT NULL DEFAULT 0,
+    bytes      INTEGER NOT NULL DEFAULT 0,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    time_ns INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    detail  TEXT NOT NULL
+);
 INSERT OR IGNORE INTO counters(name, value) VALUES ('serial', 1000), ('crl', 0);
 ";
 
@@ -279,6 +316,200 @@ impl State {
             r.get(0)
         })?;
         Ok((serials, crl as u64))
+    }
+}
+
+/// A job row.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    /// Its id.
+    pub job_id: u64,
+    /// "restore".
+    pub kind: String,
+    /// The agent doing it.
+    pub agent_id: String,
+    /// The snapshot it works on.
+    pub snapshot: Vec<u8>,
+    /// Target directory on the agent.
+    pub target: String,
+    /// Path inside the snapshot.
+    pub path: String,
+    /// proto JobState as i32.
+    pub state: i32,
+    /// Last message.
+    pub message: String,
+    /// Files done.
+    pub files: u64,
+    /// Bytes done.
+    pub bytes: u64,
+    /// Creation time.
+    pub created_ns: i64,
+}
+
+impl State {
+    /// Of `ids`, those `site` holds (uploaded or received).
+    pub fn site_has(&self, site: &str, ids: &[Vec<u8>]) -> Result<Vec<bool>, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare_cached("SELECT 1 FROM site_blobs WHERE site = ?1 AND id = ?2")?;
+        ids.iter()
+            .map(|id| st.exists(params![site, id]).map_err(ServiceError::from))
+            .collect()
+    }
+
+    /// Record that `site` holds `ids`.
+    pub fn add_site_blobs(&self, site: &str, ids: &[Vec<u8>]) -> Result<(), ServiceError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        {
+            let mut st =
+                tx.prepare_cached("INSERT OR IGNORE INTO site_blobs(site, id) VALUES (?1, ?2)")?;
+            for id in ids {
+                st.execute(params![site, id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// True when `tree`'s whole subtree was verified for `site`.
+    pub fn tree_verified(&self, site: &str, tree: &[u8]) -> Result<bool, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare_cached("SELECT 1 FROM site_trees WHERE site = ?1 AND id = ?2")?;
+        Ok(st.exists(params![site, tree])?)
+    }
+
+    /// Record verified trees.
+    pub fn add_verified_trees(&self, site: &str, trees: &[Vec<u8>]) -> Result<(), ServiceError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        {
+            let mut st =
+                tx.prepare_cached("INSERT OR IGNORE INTO site_trees(site, id) VALUES (?1, ?2)")?;
+            for t in trees {
+                st.execute(params![site, t])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The snapshot an earlier commit with this key produced, if any.
+    pub fn commit_of(
+        &self,
+        agent_id: &str,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, i64)>, ServiceError> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT snapshot, time_ns FROM commits WHERE agent_id = ?1 AND key = ?2",
+                params![agent_id, key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Remember a commit's result for retries.
+    pub fn record_commit(
+        &self,
+        agent_id: &str,
+        key: &[u8],
+        snapshot: &[u8],
+        time_ns: i64,
+    ) -> Result<(), ServiceError> {
+        self.conn()?.execute(
+            "INSERT OR IGNORE INTO commits(agent_id, key, snapshot, time_ns) VALUES (?1, ?2, ?3, ?4)",
+            params![agent_id, key, snapshot, time_ns],
+        )?;
+        Ok(())
+    }
+
+    /// Record an integrity or security event.
+    pub fn event(&self, kind: &str, detail: &str) -> Result<(), ServiceError> {
+        tracing::warn!(kind, "{detail}");
+        self.conn()?.execute(
+            "INSERT INTO events(time_ns, kind, detail) VALUES (?1, ?2, ?3)",
+            params![now_ns(), kind, detail],
+        )?;
+        Ok(())
+    }
+
+    /// The site of an agent (None when unknown or revoked).
+    pub fn agent_site(&self, agent_id: &str) -> Result<Option<String>, ServiceError> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT site FROM agents WHERE agent_id = ?1 AND revoked_ns IS NULL",
+                [agent_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Create a job; returns its id.
+    pub fn add_job(
+        &self,
+        kind: &str,
+        agent_id: &str,
+        snapshot: &[u8],
+        target: &str,
+        path: &str,
+    ) -> Result<u64, ServiceError> {
+        let c = self.conn()?;
+        c.execute(
+            "INSERT INTO jobs(kind, agent_id, snapshot, target, path, state, created_ns) VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)",
+            params![kind, agent_id, snapshot, target, path, now_ns()],
+        )?;
+        Ok(c.last_insert_rowid() as u64)
+    }
+
+    /// Update a job from an agent's report (only the agent doing it may).
+    pub fn report_job(&self, agent_id: &str, r: &proto::pb::JobReport) -> Result<(), ServiceError> {
+        let n = self.conn()?.execute(
+            "UPDATE jobs SET state = ?1, message = ?2, files = ?3, bytes = ?4 WHERE job_id = ?5 AND agent_id = ?6",
+            params![r.state, r.message, r.files as i64, r.bytes as i64, r.job_id as i64, agent_id],
+        )?;
+        if n == 0 {
+            return Err(ServiceError::NotFound(format!(
+                "job {} of this agent",
+                r.job_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Jobs (all, or one).
+    pub fn jobs(&self, job_id: Option<u64>) -> Result<Vec<JobRow>, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(
+            "SELECT job_id, kind, agent_id, snapshot, target, path, state, message, files, bytes, created_ns
+             FROM jobs WHERE ?1 IS NULL OR job_id = ?1 ORDER BY job_id",
+        )?;
+        let rows = st.query_map([job_id.map(|j| j as i64)], |r| {
+            Ok(JobRow {
+                job_id: r.get::<_, i64>(0)? as u64,
+                kind: r.get(1)?,
+                agent_id: r.get(2)?,
+                snapshot: r.get(3)?,
+                target: r.get(4)?,
+                path: r.get(5)?,
+                state: r.get(6)?,
+                message: r.get(7)?,
+                files: r.get::<_, i64>(8)? as u64,
+                bytes: r.get::<_, i64>(9)? as u64,
+                created_ns: r.get(10)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Jobs of `agent_id` not yet finished (pushed again when it reconnects).
+    pub fn open_jobs(&self, agent_id: &str) -> Result<Vec<JobRow>, ServiceError> {
+        Ok(self
+            .jobs(None)?
+            .into_iter()
+            .filter(|j| j.agent_id == agent_id && j.state <= 2)
+            .collect())
     }
 }
 

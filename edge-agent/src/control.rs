@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use proto::limits::PROTOCOL;
 use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
-use tokio_stream::StreamExt;
+use tokio_stream::StreamExt as _;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -39,7 +39,8 @@ enum End {
     Retry(anyhow::Error),
 }
 
-async fn connect(st: &StateDir, collector: &str) -> Result<AgentServiceClient<Channel>> {
+/// A TLS channel to the collector with the agent's identity.
+pub async fn connect(st: &StateDir, collector: &str) -> Result<AgentServiceClient<Channel>> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(st.read("ca.pem")?))
         .identity(Identity::from_pem(
@@ -62,9 +63,30 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
         Ok(c) => c,
         Err(e) => return End::Retry(e),
     };
-    let hb = opts.heartbeat;
-    let beats = async_stream_heartbeats(hb);
-    let resp = match client.control(beats).await {
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<pb::AgentEvent>(16);
+    let beats = out_tx.clone();
+    let every = opts.heartbeat;
+    let heart = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let hb = pb::AgentEvent {
+                protocol: PROTOCOL,
+                event: Some(pb::agent_event::Event::Heartbeat(pb::Heartbeat {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    lag: Vec::new(),
+                })),
+            };
+            if beats.send(hb).await.is_err() {
+                break;
+            }
+        }
+    });
+    let _stop_heart = AbortOnDrop(heart);
+    let resp = match client
+        .control(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .await
+    {
         Ok(r) => r,
         Err(s) => return classify(s),
     };
@@ -76,6 +98,14 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
                 Some(pb::collector_command::Command::Revoked(r)) => return End::Revoked(r.reason),
                 Some(pb::collector_command::Command::Sources(s)) => {
                     tracing::info!("collector assigned {} sources", s.sources.len());
+                }
+                Some(pb::collector_command::Command::Restore(job)) => {
+                    let st = StateDir::new(st.root());
+                    let collector = collector.to_string();
+                    let tx = out_tx.clone();
+                    tokio::spawn(async move {
+                        crate::control::run_restore(st, collector, job, tx).await
+                    });
                 }
                 Some(other) => tracing::warn!("command not supported yet: {other:?}"),
                 None => {}
@@ -100,17 +130,102 @@ fn classify(s: tonic::Status) -> End {
     }
 }
 
-fn async_stream_heartbeats(
-    every: Duration,
-) -> impl tokio_stream::Stream<Item = pb::AgentEvent> + Send + 'static {
-    let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(every));
-    ticks.map(|_| pb::AgentEvent {
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn report(
+    job_id: u64,
+    state: pb::JobState,
+    message: String,
+    files: u64,
+    bytes: u64,
+) -> pb::AgentEvent {
+    pb::AgentEvent {
         protocol: PROTOCOL,
-        event: Some(pb::agent_event::Event::Heartbeat(pb::Heartbeat {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            lag: Vec::new(),
+        event: Some(pb::agent_event::Event::JobReport(pb::JobReport {
+            job_id,
+            state: state as i32,
+            message,
+            files,
+            bytes,
         })),
+    }
+}
+
+/// Run one restore job: pull what is missing into the spool, restore, report.
+pub async fn run_restore(
+    st: StateDir,
+    collector: String,
+    job: pb::RestoreJob,
+    tx: tokio::sync::mpsc::Sender<pb::AgentEvent>,
+) {
+    let id = job.job_id;
+    let _ = tx
+        .send(report(id, pb::JobState::Running, "pulling".into(), 0, 0))
+        .await;
+    let ev = match restore_job(&st, &collector, &job).await {
+        Ok(out) if out.errors.is_empty() => report(
+            id,
+            pb::JobState::Done,
+            format!("{} warnings", out.warnings.len()),
+            out.files,
+            out.bytes,
+        ),
+        Ok(out) => report(
+            id,
+            pb::JobState::Failed,
+            out.errors.join("; ").chars().take(4000).collect(),
+            out.files,
+            out.bytes,
+        ),
+        Err(e) => report(id, pb::JobState::Failed, format!("{e:#}"), 0, 0),
+    };
+    tracing::info!(job = id, "restore job finished");
+    let _ = tx.send(ev).await;
+}
+
+async fn restore_job(
+    st: &StateDir,
+    collector: &str,
+    job: &pb::RestoreJob,
+) -> Result<repo_format::restore::RestoreOutcome> {
+    let target = std::path::PathBuf::from(&job.target);
+    if !target.is_absolute() {
+        bail!("restore target {} is not absolute", job.target);
+    }
+    // Never restore into or over the agent's own identity, keys and spool.
+    let own = std::fs::canonicalize(st.root()).unwrap_or_else(|_| st.root().to_path_buf());
+    let tgt = std::fs::canonicalize(&target).unwrap_or_else(|_| target.clone());
+    if tgt.starts_with(&own) || own.starts_with(&tgt) {
+        bail!(
+            "refusing to restore into or over the agent's state directory {}",
+            own.display()
+        );
+    }
+    let root = repo_format::Id::from_slice(&job.tree).context("job has a malformed tree id")?;
+    let snap =
+        repo_format::Id::from_slice(&job.snapshot_id).context("job has a malformed snapshot id")?;
+    let st2 = StateDir::new(st.root());
+    let (repo, _acked) = tokio::task::spawn_blocking(move || st2.spool()).await??;
+    let repo = std::sync::Arc::new(repo);
+    let mut client = connect(st, collector).await?;
+    let pulled = crate::pull::pull_tree(&mut client, repo.clone(), job.job_id, root).await?;
+    tracing::info!(job = job.job_id, pulled, "blobs pulled for restore");
+    let path = (!job.path.is_empty()).then(|| job.path.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let opts = repo_format::restore::RestoreOptions {
+            path,
+            ..Default::default()
+        };
+        repo_format::restore::restore_tree(&repo, &snap, &root, &target, &opts)
     })
+    .await??;
+    Ok(out)
 }
 
 /// Run until revoked: keep the control stream up, reconnecting with backoff.

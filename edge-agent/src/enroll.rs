@@ -13,7 +13,8 @@ use base64::Engine;
 use proto::limits::PROTOCOL;
 use proto::pb;
 use proto::pb::enroll_service_client::EnrollServiceClient;
-use repo_format::keyring::{KdfParams, unwrap_enrollment, write_keyring};
+use repo_format::config::{ChunkerParams, RepoConfig};
+use repo_format::keyring::{KdfParams, unwrap_enrollment};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::SERVER_NAME;
@@ -126,7 +127,17 @@ pub async fn enroll(
     st.write("agent.pem", resp.certificate_pem.as_bytes(), false)?;
     st.write("ca.pem", resp.ca_pem.as_bytes(), false)?;
     st.write("passphrase", pass.as_bytes(), true)?;
-    write_keyring(&st.path("keyring"), &keys, pass.as_bytes(), kdf)?;
+    // The spool: a local repository with the organisation's keys and chunking,
+    // so the agent's chunks and ids are exactly the collector's.
+    let mut rc = RepoConfig::new()?;
+    rc.chunker = ChunkerParams {
+        min: cfg.chunk_min,
+        avg: cfg.chunk_avg,
+        max: cfg.chunk_max,
+    };
+    rc.zstd_level = cfg.zstd_level;
+    repo_format::Repository::init_with_keys(&st.path("spool"), pass.as_bytes(), kdf, rc, &keys)
+        .context("creating the local spool repository")?;
     // agent.json last: its presence means "enrolled".
     st.write("agent.json", &serde_json::to_vec_pretty(&cfg)?, false)?;
     Ok(cfg)

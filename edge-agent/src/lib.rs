@@ -1,14 +1,22 @@
 //! # edge-agent: `hubvault-agent`
 //!
-//! Runs at a remote office. Today: enrollment ([`enroll`]) and the
-//! long-lived control stream with heartbeats and reconnection
-//! ([`control`]), with its identity and keys in a state directory
-//! ([`state`]). Watching, the upload pipeline and restores arrive with the
-//! data path of issue 3 and with issue 4.
+//! Runs at a remote office: enrollment ([`enroll`]); backups into a local
+//! spool repository, uploaded to the collector ([`upload`], with the
+//! acknowledged set in [`acked`]); the long-lived control stream with
+//! heartbeats, reconnection and restore jobs ([`control`], [`pull`]); its
+//! identity, keys and spool in a state directory ([`state`]).
+//!
+//! Why a spool: the agent runs the same tested backup engine as offline
+//! repositories, with local dedup and parent snapshots, and an upload cut at
+//! any point resumes from durable local packs. Its cost is disk at the office
+//! (the spool keeps what it backed up); trimming it is future work.
 
+pub mod acked;
 pub mod control;
 pub mod enroll;
+pub mod pull;
 pub mod state;
+pub mod upload;
 
 /// Name the collector's certificate is verified against.
 pub const SERVER_NAME: &str = "hubvault-collector";

@@ -34,6 +34,18 @@ enum Command {
         #[arg(long, hide = true)]
         kdf_memory_kib: Option<u32>,
     },
+    /// Back up PATHs now and upload the snapshot to the collector.
+    Backup {
+        /// State directory written by `enroll`.
+        #[arg(long)]
+        state: PathBuf,
+        /// Name of the source (a named set of paths).
+        #[arg(long, default_value = "default")]
+        source: String,
+        /// Files and directories to back up.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Run: keep the control stream to the collector up.
     Run {
         /// State directory written by `enroll`.
@@ -70,6 +82,11 @@ fn main() -> Result<()> {
             println!("enrolled as {} at site {}", cfg.agent_id, cfg.site);
             Ok(())
         }
+        Command::Backup {
+            state,
+            source,
+            paths,
+        } => rt.block_on(backup(&state, &source, paths)),
         Command::Run {
             state,
             heartbeat_secs,
@@ -81,4 +98,37 @@ fn main() -> Result<()> {
             rt.block_on(edge_agent::control::run(&st, &opts))
         }
     }
+}
+
+/// Back up into the spool, then upload and commit at the collector.
+async fn backup(state: &std::path::Path, source: &str, paths: Vec<PathBuf>) -> Result<()> {
+    let st = StateDir::new(state);
+    let cfg = st.config()?;
+    let st2 = StateDir::new(state);
+    let (repo, acked) = tokio::task::spawn_blocking(move || st2.spool()).await??;
+    let (repo, acked) = (std::sync::Arc::new(repo), std::sync::Arc::new(acked));
+    let r = repo.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        repo_format::backup::backup(&r, &paths, &repo_format::backup::BackupOptions::default())
+    })
+    .await?
+    .context("local backup failed")?;
+    for i in &out.snapshot.issues {
+        eprintln!("warning: {}: {}", i.path, i.reason);
+    }
+    let mut client = edge_agent::control::connect(&st, &cfg.collector).await?;
+    let report = edge_agent::upload::upload_snapshot(&mut client, repo, acked, out.id, source)
+        .await
+        .context("upload to the collector failed; run the backup again to resume")?;
+    eprintln!(
+        "{} files, {} blobs new to this agent, {} sent ({} bytes)",
+        out.snapshot.stats.files, report.candidates, report.sent, report.bytes_sent
+    );
+    if let Some(id) = report.snapshot {
+        println!("{id}");
+    }
+    if out.snapshot.is_partial() {
+        std::process::exit(3);
+    }
+    Ok(())
 }

@@ -5,7 +5,10 @@
 //! agent.key    private key (0600), generated here, never sent
 //! agent.pem    certificate issued by the collector
 //! ca.pem       the collector's CA
-//! keyring      repository keys, wrapped under `passphrase` (0600)
+//! passphrase   unlocks the spool's keyring (0600)
+//! spool/       local repository (same keys and chunking as the collector's):
+//!              backups land here first, restore jobs pull into it
+//! acked.db     ids the collector acknowledged as durable
 //! ```
 
 use std::io::Write;
@@ -47,6 +50,11 @@ impl StateDir {
         }
     }
 
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.dir
+    }
+
     /// Path of a file in it.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
@@ -80,6 +88,20 @@ impl StateDir {
             .and_then(|_| f.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &p).with_context(|| format!("renaming into {}", p.display()))
+    }
+
+    /// Open the spool repository and the acknowledged set.
+    pub fn spool(&self) -> Result<(repo_format::Repository, crate::acked::Acked)> {
+        let pass =
+            String::from_utf8(self.read("passphrase")?).context("passphrase file is not text")?;
+        let repo = repo_format::Repository::open(
+            &self.path("spool"),
+            pass.trim().as_bytes(),
+            repo_format::LockMode::Shared,
+        )
+        .context("opening the spool repository")?;
+        let acked = crate::acked::Acked::open(&self.path("acked.db"))?;
+        Ok((repo, acked))
     }
 
     /// The agent's configuration.

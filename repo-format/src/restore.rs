@@ -132,6 +132,20 @@ pub fn restore(
     opts: &RestoreOptions,
 ) -> Result<RestoreOutcome> {
     let (snap_id, snap) = repo.find_snapshot(spec)?;
+    restore_tree(repo, &snap_id, &snap.tree, target, opts)
+}
+
+/// Restore the tree `root` (of snapshot `snap_id`, named in errors) into
+/// `target`. Every blob it needs must be in `repo`'s catalog; this is how an
+/// agent restores a snapshot pulled from the collector.
+pub fn restore_tree(
+    repo: &Repository,
+    snap_id: &Id,
+    root: &Id,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoreOutcome> {
+    let snap_id = *snap_id;
     std::fs::create_dir_all(target).map_err(|e| Error::io("creating target", target, e))?;
     let md =
         std::fs::symlink_metadata(target).map_err(|e| Error::io("reading target", target, e))?;
@@ -157,8 +171,8 @@ pub fn restore(
     });
     // What to restore: the whole root tree, or one entry found by path.
     let top: Vec<Entry> = match &opts.path {
-        None => repo.read_tree(&snap.tree)?,
-        Some(p) => vec![find_entry(repo, &snap_id, &snap.tree, p)?],
+        None => repo.read_tree(root)?,
+        Some(p) => vec![find_entry(repo, &snap_id, root, p)?],
     };
     let (tx, rx) = bounded::<FileJob>(opts.threads.max(1) * 16);
     let mut links: Vec<(PathBuf, PathBuf, Arc<DirGuard>)> = Vec::new();

@@ -302,6 +302,159 @@ pub(crate) fn agent(remote: &Remote, cmd: AgentCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `hubvault snapshots [--site S] [--agent ID] [--json]`.
+pub(crate) fn snapshots(
+    remote: &Remote,
+    site: Option<String>,
+    agent: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let resp = rt()?.block_on(async {
+        remote
+            .client()
+            .await?
+            .list_snapshots(pb::ListSnapshotsRequest {
+                protocol: PROTOCOL,
+                site: site.unwrap_or_default(),
+                agent_id: agent.unwrap_or_default(),
+            })
+            .await
+            .context("listing snapshots")
+    })?;
+    let snaps = resp.into_inner().snapshots;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    if json {
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|s| {
+                serde_json::json!({"id": hex(&s.id), "site": s.site, "agent": s.agent_id, "source": s.source,
+                    "time_ns": s.time_ns, "files": s.files, "bytes": s.bytes, "new_bytes": s.new_bytes,
+                    "paths": s.paths, "hostname": s.hostname, "partial": s.partial})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<10} {:<19}  {:<10} {:<16} {:<10} {:>8} {:>10} {:>10}",
+            "id", "time (UTC)", "site", "agent", "source", "files", "size", "new"
+        );
+        for s in &snaps {
+            println!(
+                "{:<10} {:<19}  {:<10} {:<16} {:<10} {:>8} {:>10} {:>10}{}",
+                &hex(&s.id)[..8],
+                time(s.time_ns),
+                s.site,
+                s.agent_id,
+                s.source,
+                s.files,
+                crate::output::size(s.bytes),
+                crate::output::size(s.new_bytes),
+                if s.partial { "  (partial)" } else { "" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hubvault restore SNAPSHOT --to-agent ID --target DIR [--path P]`: prints the job id.
+pub(crate) fn restore(
+    remote: &Remote,
+    snapshot: &str,
+    to_agent: &str,
+    target: &str,
+    path: Option<String>,
+) -> Result<ExitCode> {
+    let resp = rt()?.block_on(async {
+        remote
+            .client()
+            .await?
+            .restore(pb::RestoreRequest {
+                protocol: PROTOCOL,
+                snapshot: snapshot.to_string(),
+                to_agent: to_agent.to_string(),
+                target: target.to_string(),
+                path: path.unwrap_or_default(),
+            })
+            .await
+            .context("creating the restore job")
+    })?;
+    println!("{}", resp.into_inner().job_id);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Queued => "queued",
+        pb::JobState::Running => "running",
+        pb::JobState::Done => "done",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Unspecified => "unknown",
+    }
+}
+
+/// `hubvault jobs [--wait ID] [--json]`: list jobs, or wait for one to finish
+/// (exit 0 done, 1 failed).
+pub(crate) fn jobs(
+    remote: &Remote,
+    wait: Option<u64>,
+    timeout_secs: u64,
+    json: bool,
+) -> Result<ExitCode> {
+    let rt = rt()?;
+    let start = std::time::Instant::now();
+    loop {
+        let list = rt.block_on(async {
+            remote
+                .client()
+                .await?
+                .list_jobs(pb::ListJobsRequest {
+                    protocol: PROTOCOL,
+                    job_id: wait.unwrap_or(0),
+                })
+                .await
+                .context("listing jobs")
+        })?;
+        let jobs = list.into_inner().jobs;
+        let finished = jobs.iter().all(|j| j.state >= pb::JobState::Done as i32);
+        if wait.is_none() || finished || start.elapsed().as_secs() >= timeout_secs {
+            if json {
+                let v: Vec<_> = jobs
+                    .iter()
+                    .map(|j| serde_json::json!({"id": j.job_id, "kind": j.kind, "agent": j.agent_id, "state": state_name(j.state), "message": j.message, "files": j.files, "bytes": j.bytes}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:>6} {:<8} {:<16} {:<8} {:>8} {:>10}  message",
+                    "id", "kind", "agent", "state", "files", "bytes"
+                );
+                for j in &jobs {
+                    println!(
+                        "{:>6} {:<8} {:<16} {:<8} {:>8} {:>10}  {}",
+                        j.job_id,
+                        j.kind,
+                        j.agent_id,
+                        state_name(j.state),
+                        j.files,
+                        j.bytes,
+                        j.message
+                    );
+                }
+            }
+            if let Some(id) = wait {
+                if !finished {
+                    bail!("job {id} still running after {timeout_secs} s");
+                }
+                if jobs.iter().any(|j| j.state == pb::JobState::Failed as i32) || jobs.is_empty() {
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -104,10 +104,17 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         check(req.get_ref().protocol)?;
-        let (sites, agents) = self
+        let (sites, agents, snaps) = self
             .ctx
-            .blocking(|c| Ok((c.state.sites()?, c.state.agents()?)))
+            .blocking(|c| Ok((c.state.sites()?, c.state.agents()?, c.repo.snapshots()?)))
             .await?;
+        let mut last: std::collections::HashMap<String, i64> = Default::default();
+        for (_, s) in snaps {
+            if let Some(site) = s.site {
+                let e = last.entry(site).or_default();
+                *e = (*e).max(s.time_ns);
+            }
+        }
         let online = self
             .ctx
             .sessions
@@ -125,8 +132,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     agents: mine.len() as u32,
                     agents_online: mine.iter().filter(|a| online.contains(&a.agent_id)).count()
                         as u32,
-                    // Snapshots arrive with the data path (issue 3).
-                    last_snapshot_ns: 0,
+                    last_snapshot_ns: last.get(&site).copied().unwrap_or(0),
                     site,
                 }
             })
@@ -174,4 +180,138 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             serial: format!("{serial:x}"),
         }))
     }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        let all = self.ctx.blocking(|c| Ok(c.repo.snapshots()?)).await?;
+        let snapshots = all
+            .into_iter()
+            .filter(|(_, s)| r.site.is_empty() || s.site.as_deref() == Some(r.site.as_str()))
+            .filter(|(_, s)| {
+                r.agent_id.is_empty() || s.agent.as_deref() == Some(r.agent_id.as_str())
+            })
+            .map(|(id, s)| pb::SnapshotInfo {
+                id: id.0.to_vec(),
+                partial: s.is_partial(),
+                site: s.site.unwrap_or_default(),
+                agent_id: s.agent.unwrap_or_default(),
+                source: s.source.unwrap_or_default(),
+                time_ns: s.time_ns,
+                files: s.stats.files,
+                bytes: s.stats.bytes,
+                new_bytes: s.stats.new_bytes,
+                paths: s.paths,
+                hostname: s.hostname,
+            })
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn restore(
+        &self,
+        req: Request<pb::RestoreRequest>,
+    ) -> Result<Response<pb::RestoreResponse>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        if !r.target.starts_with('/') {
+            return Err(Status::invalid_argument(
+                "target must be an absolute directory on the agent",
+            ));
+        }
+        let job = self
+            .ctx
+            .blocking(move |c| {
+                let (snap_id, snap) = c.repo.find_snapshot(&r.snapshot)?;
+                let site = c.state.agent_site(&r.to_agent)?.ok_or_else(|| {
+                    ServiceError::NotFound(format!("agent {} (or it is revoked)", r.to_agent))
+                })?;
+                // The target site receives the snapshot's blobs: it may read them
+                // (and later reference them), as if it had uploaded them.
+                grant_snapshot(c, &site, &snap.tree)?;
+                let job_id =
+                    c.state
+                        .add_job("restore", &r.to_agent, &snap_id.0, &r.target, &r.path)?;
+                let job = c
+                    .state
+                    .jobs(Some(job_id))?
+                    .pop()
+                    .ok_or_else(|| ServiceError::Internal("job vanished".into()))?;
+                Ok(job)
+            })
+            .await?;
+        let cmd = restore_command(&self.ctx, &job)?;
+        let pushed = self.ctx.push(&job.agent_id, cmd).await;
+        tracing::info!(job = job.job_id, agent = %job.agent_id, pushed, "restore job created");
+        Ok(Response::new(pb::RestoreResponse { job_id: job.job_id }))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        let id = (r.job_id != 0).then_some(r.job_id);
+        let rows = self.ctx.blocking(move |c| c.state.jobs(id)).await?;
+        let jobs = rows
+            .into_iter()
+            .map(|j| pb::JobInfo {
+                job_id: j.job_id,
+                kind: j.kind,
+                agent_id: j.agent_id,
+                state: j.state,
+                message: j.message,
+                files: j.files,
+                bytes: j.bytes,
+                created_ns: j.created_ns,
+                snapshot_id: j.snapshot,
+            })
+            .collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+}
+
+/// Record every blob below `root` as held by `site` (in batches; memory
+/// bounded by one directory's listing and one batch).
+fn grant_snapshot(c: &Ctx, site: &str, root: &repo_format::Id) -> Result<(), ServiceError> {
+    let mut stack = vec![*root];
+    let mut seen = std::collections::HashSet::new();
+    let mut batch = Vec::new();
+    while let Some(t) = stack.pop() {
+        if !seen.insert(t) {
+            continue;
+        }
+        batch.push(t.0.to_vec());
+        for e in c.repo.read_tree(&t)? {
+            if let Some(s) = e.subtree {
+                stack.push(s);
+            }
+            batch.extend(e.chunks.iter().map(|c| c.0.to_vec()));
+        }
+        if batch.len() >= 4096 {
+            c.state.add_site_blobs(site, &std::mem::take(&mut batch))?;
+        }
+    }
+    c.state.add_site_blobs(site, &batch)
+}
+
+/// The command that hands `job` to its agent.
+pub fn restore_command(
+    c: &Ctx,
+    job: &crate::state::JobRow,
+) -> Result<pb::collector_command::Command, ServiceError> {
+    let id = repo_format::Id::from_slice(&job.snapshot)
+        .ok_or_else(|| ServiceError::Internal("job snapshot id".into()))?;
+    let (_, snap) = c.repo.find_snapshot(&id.to_hex())?;
+    Ok(pb::collector_command::Command::Restore(pb::RestoreJob {
+        job_id: job.job_id,
+        snapshot_id: job.snapshot.clone(),
+        tree: snap.tree.0.to_vec(),
+        target: job.target.clone(),
+        path: job.path.clone(),
+    }))
 }

@@ -1,6 +1,7 @@
-//! What agents call. The control stream is live; the data path (missing,
-//! upload, commit, read) is the next step of issue 3 and answers
-//! UNIMPLEMENTED until then, rather than pretending.
+//! What agents call: the control stream (heartbeats, job reports; commands
+//! pushed down), and the data path: which blobs the site lacks, uploads
+//! acknowledged when durable, verified snapshot commits, and reads of blobs
+//! the site holds (its own, or received through a restore job).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,10 +13,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::Ctx;
+use repo_format::Id;
+
 use crate::error::ServiceError;
 use crate::pki::Role;
 use crate::service::caller;
+use crate::{Ctx, commit, ingest};
 
 /// The agent service.
 pub struct AgentSvc {
@@ -24,12 +27,6 @@ pub struct AgentSvc {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not implemented yet (issue 3: data path)"
-    ))
-}
 
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentSvc {
@@ -56,6 +53,15 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 )),
             }))
             .await;
+        // Jobs it has not finished (it may have restarted) are pushed again.
+        let id = agent_id.clone();
+        for j in self.ctx.blocking(move |c| c.state.open_jobs(&id)).await? {
+            let _ = tx
+                .send(Ok(pb::CollectorCommand {
+                    command: Some(crate::service::admin::restore_command(&self.ctx, &j)?),
+                }))
+                .await;
+        }
         let ctx = self.ctx.clone();
         let serial = who.serial;
         tokio::spawn(async move {
@@ -74,11 +80,20 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                     let _ = tx.send(Err(ServiceError::from(e).into())).await;
                     break;
                 }
-                if let Some(pb::agent_event::Event::Heartbeat(_)) = ev.event {
-                    let id = agent_id.clone();
-                    if let Err(e) = ctx.blocking(move |c| c.state.seen(&id)).await {
-                        tracing::warn!("recording heartbeat of {agent_id}: {e}");
+                match ev.event {
+                    Some(pb::agent_event::Event::Heartbeat(_)) => {
+                        let id = agent_id.clone();
+                        if let Err(e) = ctx.blocking(move |c| c.state.seen(&id)).await {
+                            tracing::warn!("recording heartbeat of {agent_id}: {e}");
+                        }
                     }
+                    Some(pb::agent_event::Event::JobReport(r)) => {
+                        let id = agent_id.clone();
+                        if let Err(e) = ctx.blocking(move |c| c.state.report_job(&id, &r)).await {
+                            tracing::warn!("job report of {agent_id}: {e}");
+                        }
+                    }
+                    None => {}
                 }
             }
             if let Ok(mut s) = ctx.sessions.lock()
@@ -92,33 +107,205 @@ impl pb::agent_service_server::AgentService for AgentSvc {
 
     async fn missing_blobs(
         &self,
-        _req: Request<pb::MissingBlobsRequest>,
+        req: Request<pb::MissingBlobsRequest>,
     ) -> Result<Response<pb::MissingBlobsResponse>, Status> {
-        Err(not_yet("MissingBlobs"))
+        let (site, _) = agent_of(&req)?;
+        let r = req.into_inner();
+        convert::protocol(r.protocol).map_err(ServiceError::from)?;
+        let ids = convert::ids("ids", &r.ids).map_err(ServiceError::from)?;
+        let missing = self
+            .ctx
+            .blocking(move |c| {
+                let raw: Vec<Vec<u8>> = ids.iter().map(|i| i.0.to_vec()).collect();
+                let held = c.state.site_has(&site, &raw)?;
+                let mut out = Vec::new();
+                for (id, held) in raw.into_iter().zip(held) {
+                    // Answered from the site's own holdings only: a blob stored
+                    // by another site is "missing" exactly like one stored nowhere.
+                    let present = held
+                        && c.repo
+                            .catalog()?
+                            .contains(&Id::from_slice(&id).unwrap_or_default())?;
+                    if !present {
+                        out.push(id);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(Response::new(pb::MissingBlobsResponse { missing }))
     }
 
     type UploadStream = BoxStream<pb::UploadAck>;
 
     async fn upload(
         &self,
-        _req: Request<Streaming<pb::UploadRequest>>,
+        req: Request<Streaming<pb::UploadRequest>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
-        Err(not_yet("Upload"))
+        let (site, serial) = agent_of(&req)?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            loop {
+                let next = tokio::time::timeout(FLUSH_AFTER, inbound.next()).await;
+                let quiet = next.is_err();
+                let done = match next {
+                    Ok(Some(Ok(m))) => {
+                        if ctx.revoked.contains(serial) {
+                            let _ = tx
+                                .send(Err(Status::permission_denied("certificate revoked")))
+                                .await;
+                            return;
+                        }
+                        match ingest::validate(m) {
+                            Ok(b) => {
+                                bytes += b.sealed.len();
+                                batch.push(b);
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        }
+                        false
+                    }
+                    Ok(Some(Err(_))) => return,
+                    Ok(None) => true,
+                    Err(_) => false, // quiet: flush what we have
+                };
+                if !batch.is_empty() && (done || bytes >= BATCH_BYTES || quiet) {
+                    let b = std::mem::take(&mut batch);
+                    bytes = 0;
+                    let site = site.clone();
+                    match ctx.blocking(move |c| ingest::ingest(c, &site, b)).await {
+                        Ok(ids) => {
+                            if tx.send(Ok(pb::UploadAck { ids })).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn commit_snapshot(
         &self,
-        _req: Request<pb::CommitSnapshotRequest>,
+        req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<pb::CommitSnapshotResponse>, Status> {
-        Err(not_yet("CommitSnapshot"))
+        let who = caller(&req)?;
+        let Role::Agent { site, agent_id } = who.role else {
+            return Err(Status::permission_denied("agents only"));
+        };
+        let r = req.into_inner();
+        convert::protocol(r.protocol).map_err(ServiceError::from)?;
+        if r.idempotency_key.len() != 16 {
+            return Err(Status::invalid_argument("idempotency_key must be 16 bytes"));
+        }
+        let root = convert::id("root_tree", &r.root_tree).map_err(ServiceError::from)?;
+        let stats = serde_json::from_str(&r.stats_json).unwrap_or_default();
+        let mut issues: Vec<repo_format::snapshot::BackupIssue> =
+            serde_json::from_str(&r.issues_json).unwrap_or_default();
+        issues.truncate(1000);
+        let req = commit::CommitRequest {
+            site,
+            agent_id,
+            key: r.idempotency_key,
+            source: r.source.chars().take(128).collect(),
+            root,
+            paths: r.paths.into_iter().take(1000).collect(),
+            hostname: r.hostname.chars().take(255).collect(),
+            stats,
+            issues,
+        };
+        let (id, time_ns) = self.ctx.blocking(move |c| commit::commit(c, req)).await?;
+        Ok(Response::new(pb::CommitSnapshotResponse {
+            snapshot_id: id.0.to_vec(),
+            time_ns,
+        }))
     }
 
     type ReadBlobsStream = BoxStream<pb::BlobData>;
 
     async fn read_blobs(
         &self,
-        _req: Request<pb::ReadBlobsRequest>,
+        req: Request<pb::ReadBlobsRequest>,
     ) -> Result<Response<Self::ReadBlobsStream>, Status> {
-        Err(not_yet("ReadBlobs"))
+        let (site, _) = agent_of(&req)?;
+        let r = req.into_inner();
+        convert::protocol(r.protocol).map_err(ServiceError::from)?;
+        let ids = convert::ids("ids", &r.ids).map_err(ServiceError::from)?;
+        let (tx, rx) = mpsc::channel(8);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            for chunk in ids.chunks(64) {
+                let chunk = chunk.to_vec();
+                let site = site.clone();
+                let res = ctx
+                    .blocking(move |c| {
+                        let raw: Vec<Vec<u8>> = chunk.iter().map(|i| i.0.to_vec()).collect();
+                        let held = c.state.site_has(&site, &raw)?;
+                        let mut out = Vec::new();
+                        for (id, held) in chunk.into_iter().zip(held) {
+                            // Same answer for "another site's" and "nowhere": no oracle.
+                            let loc = if held {
+                                c.repo.catalog()?.lookup(&id)?
+                            } else {
+                                None
+                            };
+                            let loc =
+                                loc.ok_or_else(|| ServiceError::NotFound(format!("blob {id}")))?;
+                            let mut sealed = vec![0u8; loc.length as usize];
+                            c.repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
+                            out.push(pb::BlobData {
+                                id: id.0.to_vec(),
+                                kind: loc.kind as u32,
+                                sealed,
+                            });
+                        }
+                        Ok(out)
+                    })
+                    .await;
+                match res {
+                    Ok(list) => {
+                        for b in list {
+                            if tx.send(Ok(b)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Flush an upload batch when the agent pauses this long.
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(300);
+/// Flush an upload batch at this many sealed bytes (about one pack's worth of acks).
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// The caller's site and serial; agents only.
+fn agent_of<T>(req: &Request<T>) -> Result<(String, u64), Status> {
+    let who = caller(req)?;
+    match who.role {
+        Role::Agent { site, .. } => Ok((site, who.serial)),
+        Role::Admin { .. } => Err(Status::permission_denied("agents only")),
     }
 }

@@ -1,0 +1,142 @@
+//! Ingest: sealed blobs from an agent become durable packs, blocking code
+//! run off the async runtime.
+//!
+//! Rules (DESIGN.md "Sites share storage, not knowledge"):
+//! - a blob the site already holds is acknowledged at once;
+//! - a blob another site stored is compared byte for byte with the stored
+//!   copy (sealing is deterministic): equal → the site now holds it; different
+//!   → an integrity event, and the upload is refused;
+//! - a new blob is written into a pack; it is acknowledged only after the
+//!   pack is fsynced, renamed, its directory fsynced and its rows committed.
+//!   If a concurrent upload of the same id won the catalog race, our copy is
+//!   compared with the winner's exactly as above.
+//! - tree blobs are opened (the collector holds the metadata key) and their id
+//!   re-derived before anything is stored; data blobs cannot be (content-blind).
+
+use std::collections::HashSet;
+
+use proto::limits::MAX_UPLOAD_BLOB;
+use repo_format::Id;
+use repo_format::blob::{self, BlobKind};
+use repo_format::consts::MAX_BLOB_PLAINTEXT;
+use repo_format::pack::writer::PackWriter;
+
+use crate::Ctx;
+use crate::error::ServiceError;
+
+/// One validated blob of an upload.
+pub struct Incoming {
+    /// Data or tree.
+    pub kind: BlobKind,
+    /// Its id.
+    pub id: Id,
+    /// Sealed bytes.
+    pub sealed: Vec<u8>,
+    /// Plaintext length.
+    pub raw_len: u32,
+}
+
+/// Validate one upload message.
+pub fn validate(m: proto::pb::UploadRequest) -> Result<Incoming, ServiceError> {
+    proto::convert::protocol(m.protocol)?;
+    let kind = proto::convert::kind(m.kind)?;
+    let id = proto::convert::id("id", &m.id)?;
+    if m.sealed.len() > MAX_UPLOAD_BLOB || m.sealed.len() < 17 {
+        return Err(ServiceError::Invalid(format!(
+            "blob {id}: sealed length {} outside 17..={MAX_UPLOAD_BLOB}",
+            m.sealed.len()
+        )));
+    }
+    if m.raw_length as usize > MAX_BLOB_PLAINTEXT {
+        return Err(ServiceError::Invalid(format!(
+            "blob {id}: plaintext length over the limit"
+        )));
+    }
+    Ok(Incoming {
+        kind,
+        id,
+        sealed: m.sealed,
+        raw_len: m.raw_length,
+    })
+}
+
+/// Store a batch for `site`; returns the ids now durable and held by the site.
+pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>>, ServiceError> {
+    let repo = &ctx.repo;
+    let ids: Vec<Vec<u8>> = batch.iter().map(|b| b.id.0.to_vec()).collect();
+    let held = ctx.state.site_has(site, &ids)?;
+    let mut acked = Vec::new();
+    let mut now_held = Vec::new();
+    let mut writer: Option<PackWriter> = None;
+    let mut written: Vec<Incoming> = Vec::new();
+    let mut seen = HashSet::new();
+    for (b, held) in batch.into_iter().zip(held) {
+        if !seen.insert(b.id) {
+            continue;
+        }
+        if b.kind == BlobKind::Tree {
+            blob::open(&repo.keys().metadata, BlobKind::Tree, &b.id, &b.sealed).map_err(|e| {
+                ServiceError::Invalid(format!("tree blob {} does not open to its id: {e}", b.id))
+            })?;
+        }
+        let loc = repo.catalog()?.lookup(&b.id)?;
+        match loc {
+            Some(_) if held => acked.push(b.id.0.to_vec()),
+            Some(loc) => {
+                compare_with_stored(ctx, site, &b, &loc)?;
+                now_held.push(b.id.0.to_vec());
+            }
+            None => {
+                let w = match writer.as_mut() {
+                    Some(w) => w,
+                    None => writer.insert(PackWriter::new(repo.store().as_ref())?),
+                };
+                w.add(b.kind, b.id, &b.sealed, b.raw_len)?;
+                written.push(b);
+            }
+        }
+    }
+    if let Some(w) = writer {
+        let fp = w.finish(repo.store().as_ref(), &repo.keys().metadata)?;
+        repo.catalog()?
+            .insert_pack(&fp.name, fp.size, &fp.entries)?;
+        for b in written {
+            let loc = repo
+                .catalog()?
+                .lookup(&b.id)?
+                .ok_or(repo_format::Error::MissingBlob(b.id))?;
+            if loc.pack != fp.name {
+                // A concurrent upload of the same id was catalogued first.
+                compare_with_stored(ctx, site, &b, &loc)?;
+            }
+            now_held.push(b.id.0.to_vec());
+        }
+    }
+    ctx.state.add_site_blobs(site, &now_held)?;
+    acked.extend(now_held);
+    Ok(acked)
+}
+
+fn compare_with_stored(
+    ctx: &Ctx,
+    site: &str,
+    b: &Incoming,
+    loc: &repo_format::catalog::BlobLocation,
+) -> Result<(), ServiceError> {
+    let mut stored = vec![0u8; loc.length as usize];
+    ctx.repo
+        .store()
+        .read_at(&loc.pack, loc.offset, &mut stored)?;
+    if stored != b.sealed || loc.kind != b.kind {
+        let detail = format!(
+            "site {site} uploaded blob {} whose sealed bytes differ from the stored copy; kept the stored copy",
+            b.id
+        );
+        ctx.state.event("integrity", &detail)?;
+        return Err(ServiceError::Denied(format!(
+            "blob {} differs from the copy already stored (integrity event recorded)",
+            b.id
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! `acked.db`: the ids the collector acknowledged as durable for this agent.
+//! A blob listed here is never sent again (resumption after a cut transfer,
+//! an agent restart or a collector restart).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use repo_format::Id;
+use rusqlite::Connection;
+
+/// The acknowledged set.
+pub struct Acked {
+    conn: Mutex<Connection>,
+}
+
+impl Acked {
+    /// Open (creating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Acked> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS acked (id BLOB PRIMARY KEY) WITHOUT ROWID;",
+        )?;
+        Ok(Acked {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// True when `id` was acknowledged.
+    pub fn contains(&self, id: &Id) -> Result<bool> {
+        let c = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("acked db mutex poisoned"))?;
+        let mut st = c.prepare_cached("SELECT 1 FROM acked WHERE id = ?1")?;
+        Ok(st.exists([&id.0[..]])?)
+    }
+
+    /// Record acknowledged ids.
+    pub fn insert(&self, ids: &[Id]) -> Result<()> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("acked db mutex poisoned"))?;
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare_cached("INSERT OR IGNORE INTO acked(id) VALUES (?1)")?;
+            for id in ids {
+                st.execute([&id.0[..]])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! Upload a snapshot of the spool repository to the collector.
+//!
+//! 1. Walk the snapshot's trees from the root, children before parents,
+//!    skipping any tree the collector already acknowledged (a Merkle tree: an
+//!    acknowledged tree implies its whole subtree was acknowledged before it).
+//! 2. Ask which of those blobs the site lacks, 4096 ids per call.
+//! 3. Stream the lacking blobs' sealed bytes from the spool's packs, in that
+//!    order; record each acknowledgement (durable at the collector) locally,
+//!    so a cut transfer resumes without resending anything acknowledged.
+//! 4. Commit, with the local snapshot id as idempotency key: a retried commit
+//!    returns the same collector snapshot.
+//!
+//! Blocking work (spool reads, SQLite) runs in `spawn_blocking`.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use proto::limits::{MAX_IDS_PER_REQUEST, PROTOCOL};
+use proto::pb;
+use proto::pb::agent_service_client::AgentServiceClient;
+use repo_format::blob::BlobKind;
+use repo_format::{Id, Repository};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::acked::Acked;
+
+/// What an upload did.
+#[derive(Debug, Default)]
+pub struct UploadReport {
+    /// Blobs the walk found not yet acknowledged.
+    pub candidates: u64,
+    /// Blobs actually sent.
+    pub sent: u64,
+    /// Sealed bytes sent.
+    pub bytes_sent: u64,
+    /// Collector snapshot id.
+    pub snapshot: Option<Id>,
+}
+
+/// Blobs below `root` not yet acknowledged, children before parents.
+fn pending_blobs(repo: &Repository, acked: &Acked, root: Id) -> Result<Vec<(BlobKind, Id)>> {
+    let mut out = Vec::new();
+    // (tree, children expanded?)
+    let mut stack = vec![(root, false)];
+    let mut seen = std::collections::HashSet::new();
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            out.push((BlobKind::Tree, t));
+            continue;
+        }
+        if !seen.insert(t) || acked.contains(&t)? {
+            continue;
+        }
+        stack.push((t, true));
+        for e in repo.read_tree(&t)? {
+            if let Some(s) = e.subtree {
+                stack.push((s, false));
+            }
+            for c in e.chunks {
+                if seen.insert(c) && !acked.contains(&c)? {
+                    out.push((BlobKind::Data, c));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Upload snapshot `snap_id` of `repo` and commit it as `source`.
+pub async fn upload_snapshot(
+    client: &mut AgentServiceClient<Channel>,
+    repo: Arc<Repository>,
+    acked: Arc<Acked>,
+    snap_id: Id,
+    source: &str,
+) -> Result<UploadReport> {
+    let (_, snap) = repo.find_snapshot(&snap_id.to_hex())?;
+    let (r, a) = (repo.clone(), acked.clone());
+    let root = snap.tree;
+    let pending = tokio::task::spawn_blocking(move || pending_blobs(&r, &a, root)).await??;
+    let mut report = UploadReport {
+        candidates: pending.len() as u64,
+        ..Default::default()
+    };
+
+    // Which of them does the site lack?
+    let mut lacking = Vec::new();
+    for batch in pending.chunks(MAX_IDS_PER_REQUEST) {
+        let ids = batch.iter().map(|(_, id)| id.0.to_vec()).collect();
+        let missing = client
+            .missing_blobs(pb::MissingBlobsRequest {
+                protocol: PROTOCOL,
+                ids,
+            })
+            .await
+            .context("asking the collector which blobs it lacks")?
+            .into_inner()
+            .missing;
+        let missing: std::collections::HashSet<Vec<u8>> = missing.into_iter().collect();
+        let mut held = Vec::new();
+        for (kind, id) in batch {
+            if missing.contains(&id.0[..]) {
+                lacking.push((*kind, *id));
+            } else {
+                held.push(*id);
+            }
+        }
+        let a = acked.clone();
+        tokio::task::spawn_blocking(move || a.insert(&held)).await??;
+    }
+
+    if !lacking.is_empty() {
+        let (tx, rx) = mpsc::channel::<pb::UploadRequest>(8);
+        let reader_repo = repo.clone();
+        let to_send = lacking.clone();
+        // Read sealed blobs off the runtime and feed the stream (bounded).
+        let feeder = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut bytes = 0u64;
+            for (kind, id) in to_send {
+                let loc = reader_repo
+                    .catalog()?
+                    .lookup(&id)?
+                    .with_context(|| format!("blob {id} missing from the local spool"))?;
+                let mut sealed = vec![0u8; loc.length as usize];
+                reader_repo
+                    .store()
+                    .read_at(&loc.pack, loc.offset, &mut sealed)?;
+                bytes += sealed.len() as u64;
+                let msg = pb::UploadRequest {
+                    protocol: PROTOCOL,
+                    kind: kind as u32,
+                    id: id.0.to_vec(),
+                    sealed,
+                    raw_length: loc.raw_length,
+                };
+                if tx.blocking_send(msg).is_err() {
+                    break;
+                }
+            }
+            Ok(bytes)
+        });
+        let mut acks = client
+            .upload(ReceiverStream::new(rx))
+            .await
+            .context("opening the upload stream")?
+            .into_inner();
+        let mut confirmed = 0usize;
+        while let Some(ack) = acks.next().await {
+            let ack = ack.context("upload refused by the collector")?;
+            let ids: Vec<Id> = ack.ids.iter().filter_map(|b| Id::from_slice(b)).collect();
+            confirmed += ids.len();
+            let a = acked.clone();
+            tokio::task::spawn_blocking(move || a.insert(&ids)).await??;
+        }
+        report.bytes_sent = feeder.await??;
+        report.sent = lacking.len() as u64;
+        if confirmed < lacking.len() {
+            bail!(
+                "the collector acknowledged {confirmed} of {} blobs; run the backup again to resume",
+                lacking.len()
+            );
+        }
+    }
+
+    let resp = client
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            protocol: PROTOCOL,
+            idempotency_key: snap_id.0[..16].to_vec(),
+            source: source.to_string(),
+            root_tree: snap.tree.0.to_vec(),
+            paths: snap.paths.clone(),
+            hostname: snap.hostname.clone(),
+            stats_json: serde_json::to_string(&snap.stats)?,
+            issues_json: serde_json::to_string(&snap.issues)?,
+        })
+        .await
+        .context("committing the snapshot")?
+        .into_inner();
+    report.snapshot = Id::from_slice(&resp.snapshot_id);
+    Ok(report)
+}
