@@ -2,7 +2,9 @@
 //! `hubvault-agent` and `hubvault`, each in temp directories. Covers
 //! enrollment, token reuse, hostile CSRs, certificates refused at the door
 //! (none, rogue CA), revocation (new handshakes, calls on an already-open
-//! connection, the live control stream), and malformed requests.
+//! connection, the live control stream), malformed and oversized requests,
+//! and the data path: backup, cross-site restore (bit-exact with metadata),
+//! a collector killed mid-upload, site isolation, unverifiable commits.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -229,18 +231,13 @@ fn enroll_once_then_online_then_revoked_everywhere() {
             .await
             .expect("agent connects");
         let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
-        let before = client
+        client
             .missing_blobs(pb::MissingBlobsRequest {
                 protocol: PROTOCOL,
                 ids: vec![],
             })
             .await
-            .expect_err("data path not implemented yet");
-        assert_eq!(
-            before.code(),
-            tonic::Code::Unimplemented,
-            "auth passed before revocation"
-        );
+            .expect("calls work before the revocation");
 
         c.ok(&["agent", "revoke", &id]);
 
@@ -262,10 +259,7 @@ fn enroll_once_then_online_then_revoked_everywhere() {
                     ids: vec![],
                 })
                 .await
-                .is_err_and(|s| {
-                    s.code() != tonic::Code::Unimplemented
-                        && s.code() != tonic::Code::PermissionDenied
-                }),
+                .is_err_and(|s| s.code() != tonic::Code::PermissionDenied),
         };
         assert!(
             fresh,
@@ -457,4 +451,329 @@ fn unknown_token_and_missing_site_are_refused() {
         !tmp.path().join("a").join("agent.json").exists(),
         "nothing enrolled"
     );
+}
+
+/// An enrolled agent's state directory.
+fn enrolled(c: &Collector, site: &str, dir: &Path) -> PathBuf {
+    let state = dir.join(format!("agent-{site}"));
+    let o = c.enroll(&c.token(site), &state);
+    assert!(
+        o.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    state
+}
+
+fn agent_backup(state: &Path, src: &Path) -> Output {
+    Command::new(bin("hubvault-agent"))
+        .args(["backup", "--source", "docs", "--state"])
+        .arg(state)
+        .arg(src)
+        .env_remove("RUST_BACKTRACE")
+        .env("HUBVAULT_LOG", "warn")
+        .output()
+        .expect("running hubvault-agent backup")
+}
+
+fn spawn_agent(state: &Path) -> Child {
+    Command::new(bin("hubvault-agent"))
+        .args(["run", "--heartbeat-secs", "1", "--state"])
+        .arg(state)
+        .env_remove("RUST_BACKTRACE")
+        .env("HUBVAULT_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent run")
+}
+
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn backup_at_one_site_restores_bit_exact_at_another() {
+    use integration_tests::{compare, fixture};
+    let c = Collector::start();
+    c.ok(&["site", "add", "paris"]);
+    c.ok(&["site", "add", "lyon"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let paris = enrolled(&c, "paris", tmp.path());
+    let lyon = enrolled(&c, "lyon", tmp.path());
+    let src = tmp.path().join("src");
+    // The standard fixture: every file type and metadata kind, sized around the default chunker.
+    fixture::build(
+        &src,
+        &fixture::standard_tree((256 * 1024, 1024 * 1024, 4 * 1024 * 1024)),
+    )
+    .expect("fixture");
+
+    let o = agent_backup(&paris, &src);
+    assert!(
+        o.status.success(),
+        "backup: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let again = agent_backup(&paris, &src);
+    assert!(again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains(" 0 sent"),
+        "unchanged data is not sent again: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--site", "paris", "--json"])).expect("json");
+    assert_eq!(snaps.len(), 2);
+    let snap = snaps[0]["id"].as_str().expect("id").to_string();
+    assert!(c.ok(&["status"]).contains("paris"));
+
+    let _agent = KillOnDrop(spawn_agent(&lyon));
+    let lyon_id = c
+        .agents()
+        .into_iter()
+        .find(|a| a["site"] == "lyon")
+        .expect("lyon")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    wait_for("lyon online", || {
+        c.agents()
+            .iter()
+            .any(|a| a["site"] == "lyon" && a["online"] == true)
+    });
+    let target = tmp.path().join("restored");
+    let job = c.ok(&[
+        "restore",
+        &snap,
+        "--to-agent",
+        &lyon_id,
+        "--target",
+        target.to_str().expect("utf8"),
+    ]);
+    let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "60"]);
+    assert!(
+        o.status.success(),
+        "job failed: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    compare::assert_same_tree(&src, &target.join("src"));
+
+    // The collector's repository is structurally sound with its metadata key alone.
+    let data = c.dir.path().join("data");
+    let check = Command::new(bin("hubvault"))
+        .args(["repo", "check", "--repo"])
+        .arg(data.join("repo"))
+        .arg("--passphrase-file")
+        .arg(data.join("repo.pass"))
+        .output()
+        .expect("check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn collector_killed_mid_upload_then_resumed_without_resending() {
+    use integration_tests::fixture;
+    let mut c = Collector::start();
+    c.ok(&["site", "add", "paris"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let paris = enrolled(&c, "paris", tmp.path());
+    let src = tmp.path().join("src");
+    // ~96 MiB of incompressible data: several upload batches (16 MiB each).
+    fixture::build(&src, &fixture::bulk_tree(24, 4 * 1024 * 1024, 7)).expect("fixture");
+
+    let mut up = Command::new(bin("hubvault-agent"))
+        .args(["backup", "--source", "docs", "--state"])
+        .arg(&paris)
+        .arg(&src)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("backup");
+    // Kill -9 the collector as soon as its first pack is durable.
+    let packs = c.dir.path().join("data").join("repo").join("packs");
+    let count_packs = || {
+        std::fs::read_dir(&packs)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
+                    .sum::<usize>()
+            })
+            .unwrap_or(0)
+    };
+    wait_for("first pack at the collector", || count_packs() >= 1);
+    c.child.kill().expect("kill -9");
+    let _ = c.child.wait();
+    let first = up.wait_with_output().expect("backup ends");
+    assert!(!first.status.success(), "the cut upload fails loudly");
+
+    // Restart on the same data directory and port; nothing partial is visible.
+    let data = c.dir.path().join("data");
+    let port = c.url.rsplit(':').next().expect("port").to_string();
+    c.child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(&data)
+        .env("HUBVAULT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart");
+    let mut line = String::new();
+    BufReader::new(c.child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening");
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
+    assert!(snaps.is_empty(), "no snapshot from the cut upload");
+
+    let second = agent_backup(&paris, &src);
+    let err = String::from_utf8_lossy(&second.stderr).to_string();
+    assert!(second.status.success(), "resumed backup: {err}");
+    // "N files, M blobs new to this agent, K sent (B bytes)": fewer than all were sent again.
+    let words: Vec<&str> = err.split_whitespace().collect();
+    let sent: u64 = words[words.iter().position(|w| *w == "sent").expect("sent") - 1]
+        .parse()
+        .expect("n");
+    let candidates: u64 = words[words.iter().position(|w| *w == "blobs").expect("blobs") - 1]
+        .parse()
+        .expect("n");
+    assert!(sent < candidates + 1 && sent > 0, "{err}");
+    let acked_first = 24 * 4 - sent; // chunks are ~1 MiB: ~96 data blobs in all
+    assert!(acked_first > 0, "acknowledged blobs were not resent: {err}");
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
+    assert_eq!(snaps.len(), 1);
+}
+
+#[test]
+fn sites_are_isolated_and_commits_are_verified() {
+    let c = Collector::start();
+    c.ok(&["site", "add", "paris"]);
+    c.ok(&["site", "add", "lyon"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let paris = enrolled(&c, "paris", tmp.path());
+    let lyon = enrolled(&c, "lyon", tmp.path());
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("secret.txt"), b"paris only").expect("write");
+    assert!(agent_backup(&paris, &src).status.success());
+
+    // Paris's blob ids, read from its own spool.
+    let pass = std::fs::read_to_string(paris.join("passphrase")).expect("pass");
+    let spool = repo_format::Repository::open(
+        &paris.join("spool"),
+        pass.trim().as_bytes(),
+        repo_format::LockMode::Shared,
+    )
+    .expect("spool");
+    let (_, snap) = spool.find_snapshot("latest").expect("snap");
+    let tree = spool.read_tree(&snap.tree).expect("tree");
+    let file_tree = spool
+        .read_tree(&tree[0].subtree.expect("dir"))
+        .expect("tree");
+    let chunk = file_tree[0].chunks[0];
+    drop(spool);
+    let unknown = repo_format::Id([0x5a; 32]);
+
+    rt().block_on(async {
+        let ch = c
+            .channel(Some((&lyon, "agent")))
+            .await
+            .expect("lyon connects");
+        let mut l = pb::agent_service_client::AgentServiceClient::new(ch);
+        // No dedup oracle: Paris's chunk and a chunk that exists nowhere get the same answer.
+        let m = l
+            .missing_blobs(pb::MissingBlobsRequest {
+                protocol: PROTOCOL,
+                ids: vec![chunk.0.to_vec(), unknown.0.to_vec()],
+            })
+            .await
+            .expect("missing")
+            .into_inner();
+        assert_eq!(m.missing, vec![chunk.0.to_vec(), unknown.0.to_vec()]);
+        // No reads outside its site and jobs, and the same error either way.
+        let mut read = |id: repo_format::Id| {
+            let mut l = l.clone();
+            async move {
+                match l
+                    .read_blobs(pb::ReadBlobsRequest {
+                        protocol: PROTOCOL,
+                        job_id: 0,
+                        ids: vec![id.0.to_vec()],
+                    })
+                    .await
+                {
+                    Err(s) => s,
+                    Ok(r) => {
+                        let mut s = r.into_inner();
+                        use tokio_stream::StreamExt;
+                        match s.next().await {
+                            Some(Err(e)) => e,
+                            other => panic!("read of a foreign blob must fail, got {other:?}"),
+                        }
+                    }
+                }
+            }
+        };
+        let a = read(chunk).await;
+        let b = read(unknown).await;
+        assert_eq!(a.code(), tonic::Code::NotFound);
+        assert_eq!(b.code(), tonic::Code::NotFound);
+        assert_eq!(
+            a.message().len(),
+            b.message().len(),
+            "identical answers: {a:?} / {b:?}"
+        );
+        // A commit referencing a tree Lyon never uploaded is refused.
+        let e = l
+            .commit_snapshot(pb::CommitSnapshotRequest {
+                protocol: PROTOCOL,
+                idempotency_key: vec![1; 16],
+                source: "x".into(),
+                root_tree: snap.tree.0.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("foreign tree");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        // An oversized message is cut off by the decoding limit, clearly.
+        let big = pb::UploadRequest {
+            protocol: PROTOCOL,
+            kind: 0,
+            id: vec![0; 32],
+            sealed: vec![0; 17 * 1024 * 1024],
+            raw_length: 1,
+        };
+        let r = l.upload(tokio_stream::iter(vec![big])).await;
+        let status = match r {
+            Err(s) => s,
+            Ok(resp) => {
+                use tokio_stream::StreamExt;
+                let mut s = resp.into_inner();
+                s.next().await.expect("an answer").expect_err("oversized")
+            }
+        };
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::OutOfRange
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::Internal
+            ),
+            "{status:?}"
+        );
+    });
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--site", "lyon", "--json"])).expect("json");
+    assert!(snaps.is_empty(), "nothing was committed for lyon");
 }

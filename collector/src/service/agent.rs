@@ -172,7 +172,12 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                         }
                         false
                     }
-                    Ok(Some(Err(_))) => return,
+                    Ok(Some(Err(status))) => {
+                        // A message that could not be decoded (e.g. over the size
+                        // limit): say so, do not end the stream as if all was well.
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                     Ok(None) => true,
                     Err(_) => false, // quiet: flush what we have
                 };
