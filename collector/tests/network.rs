@@ -590,7 +590,7 @@ fn collector_killed_mid_upload_then_resumed_without_resending() {
     // ~96 MiB of incompressible data: several upload batches (16 MiB each).
     fixture::build(&src, &fixture::bulk_tree(24, 4 * 1024 * 1024, 7)).expect("fixture");
 
-    let mut up = Command::new(bin("hubvault-agent"))
+    let up = Command::new(bin("hubvault-agent"))
         .args(["backup", "--source", "docs", "--state"])
         .arg(&paris)
         .arg(&src)
@@ -701,7 +701,7 @@ fn sites_are_isolated_and_commits_are_verified() {
             .into_inner();
         assert_eq!(m.missing, vec![chunk.0.to_vec(), unknown.0.to_vec()]);
         // No reads outside its site and jobs, and the same error either way.
-        let mut read = |id: repo_format::Id| {
+        let read = |id: repo_format::Id| {
             let mut l = l.clone();
             async move {
                 match l
