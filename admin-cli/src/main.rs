@@ -89,11 +89,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Back up PATHs into a local repository with embedded defaults (created on first use).
+    /// Start a collector and an agent on embedded defaults and back PATHs up through them.
     Quickstart {
-        /// Where the repository and its generated passphrase live.
+        /// Where the collector's and the agent's data live (created on first use).
         #[arg(long, default_value = "hubvault-data")]
         data: PathBuf,
+        /// Address of the collector.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: String,
+        /// Stop after the backup instead of keeping collector and agent running.
+        #[arg(long)]
+        once: bool,
         /// Files and directories to back up.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -115,7 +121,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Repo(c) => commands::repo::run(c),
-        Command::Quickstart { data, paths } => commands::quickstart::run(&data, &paths),
+        Command::Quickstart {
+            data,
+            listen,
+            once,
+            paths,
+        } => commands::quickstart::run(&data, &listen, once, &paths),
         Command::Site(c) => commands::remote::site(&cli.remote, c),
         Command::EnrollToken { site, ttl, json } => {
             commands::remote::enroll_token(&cli.remote, &site, &ttl, json)

@@ -777,3 +777,30 @@ fn sites_are_isolated_and_commits_are_verified() {
         serde_json::from_str(&c.ok(&["snapshots", "--site", "lyon", "--json"])).expect("json");
     assert!(snaps.is_empty(), "nothing was committed for lyon");
 }
+
+#[test]
+fn quickstart_runs_the_main_job_on_embedded_defaults() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("docs");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("a.txt"), b"hello").expect("write");
+    // A free port: bind :0, read it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let run = || {
+        Command::new(bin("hubvault"))
+            .args(["quickstart", "--once", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+            .arg(tmp.path().join("data"))
+            .arg(&src)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("quickstart")
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(out.contains("enrolled an agent") && out.contains("hubvault") && out.contains("restore"), "{out}");
+    let second = run();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(!String::from_utf8_lossy(&second.stdout).contains("enrolled"), "second run reuses the agent");
+    assert!(String::from_utf8_lossy(&second.stderr).contains(" 0 sent"), "{}", String::from_utf8_lossy(&second.stderr));
+}
