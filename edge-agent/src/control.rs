@@ -52,10 +52,16 @@ pub async fn connect(st: &StateDir, collector: &str) -> Result<AgentServiceClien
         .with_context(|| format!("bad collector address {collector}"))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(10))
+        // Large windows keep a high-latency link full (see the collector's server.rs).
+        .initial_stream_window_size(Some(8 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .tcp_nodelay(true)
         .connect()
         .await
         .with_context(|| format!("connecting to {collector}"))?;
-    Ok(AgentServiceClient::new(ch))
+    Ok(AgentServiceClient::new(ch)
+        .max_decoding_message_size(proto::limits::MAX_MESSAGE)
+        .max_encoding_message_size(proto::limits::MAX_MESSAGE))
 }
 
 async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {

@@ -116,13 +116,20 @@ async fn backup(state: &std::path::Path, source: &str, paths: Vec<PathBuf>) -> R
     for i in &out.snapshot.issues {
         eprintln!("warning: {}: {}", i.path, i.reason);
     }
+    let started = std::time::Instant::now();
     let mut client = edge_agent::control::connect(&st, &cfg.collector).await?;
     let report = edge_agent::upload::upload_snapshot(&mut client, repo, acked, out.id, source)
         .await
         .context("upload to the collector failed; run the backup again to resume")?;
+    let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "{} files, {} blobs new to this agent, {} sent ({} bytes)",
-        out.snapshot.stats.files, report.candidates, report.sent, report.bytes_sent
+        "{} files, {} blobs new to this agent, {} sent ({} bytes) in {:.2} s upload ({:.1} MB/s)",
+        out.snapshot.stats.files,
+        report.candidates,
+        report.sent,
+        report.bytes_sent,
+        secs,
+        report.bytes_sent as f64 / secs.max(1e-6) / 1e6
     );
     if let Some(id) = report.snapshot {
         println!("{id}");

@@ -15,6 +15,7 @@
 pub mod compare;
 pub mod fixture;
 pub mod repo;
+pub mod wan;
 
 pub use compare::{assert_same_tree, diff_trees};
 pub use fixture::{Fill, Meta, Node, content};
