@@ -55,6 +55,18 @@ enum Command {
     /// Manage one agent.
     #[command(subcommand)]
     Agent(commands::remote::AgentCommand),
+    /// Manage the sources (named sets of paths and their policy) of agents.
+    #[command(subcommand)]
+    Source(commands::remote::SourceCommand),
+    /// Ask an agent to back up now; prints the job id.
+    BackupNow {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// Only this source (default: all of the agent's).
+        #[arg(long)]
+        source: Option<String>,
+    },
     /// List snapshots at the collector.
     Snapshots {
         #[arg(long)]
@@ -134,6 +146,10 @@ fn main() -> ExitCode {
         Command::Agents { json } => commands::remote::agents(&cli.remote, json),
         Command::Status { json } => commands::remote::status(&cli.remote, json),
         Command::Agent(c) => commands::remote::agent(&cli.remote, c),
+        Command::Source(c) => commands::remote::source(&cli.remote, c),
+        Command::BackupNow { agent, source } => {
+            commands::remote::backup_now(&cli.remote, &agent, source)
+        }
         Command::Snapshots { site, agent, json } => {
             commands::remote::snapshots(&cli.remote, site, agent, json)
         }

@@ -72,6 +72,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     bytes      INTEGER NOT NULL DEFAULT 0,
     created_ns INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sources (
+    agent_id TEXT NOT NULL REFERENCES agents(agent_id),
+    name     TEXT NOT NULL,
+    paths    TEXT NOT NULL,
+    excludes TEXT NOT NULL,
+    schedule TEXT NOT NULL,
+    realtime INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, name)
+);
 CREATE TABLE IF NOT EXISTS events (
     time_ns INTEGER NOT NULL,
     kind    TEXT NOT NULL,
@@ -510,6 +519,41 @@ impl State {
             .into_iter()
             .filter(|j| j.agent_id == agent_id && j.state <= 2)
             .collect())
+    }
+}
+
+impl State {
+    /// Define or replace a source.
+    pub fn put_source(&self, agent_id: &str, s: &proto::pb::Source) -> Result<(), ServiceError> {
+        let paths =
+            serde_json::to_string(&s.paths).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let excludes = serde_json::to_string(&s.excludes)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.conn()?.execute(
+            "INSERT OR REPLACE INTO sources(agent_id, name, paths, excludes, schedule, realtime) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![agent_id, s.name, paths, excludes, s.schedule, s.realtime],
+        )?;
+        Ok(())
+    }
+
+    /// The sources of an agent.
+    pub fn sources(&self, agent_id: &str) -> Result<Vec<proto::pb::Source>, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(
+            "SELECT name, paths, excludes, schedule, realtime FROM sources WHERE agent_id = ?1 ORDER BY name",
+        )?;
+        let rows = st.query_map([agent_id], |r| {
+            let paths: String = r.get(1)?;
+            let excludes: String = r.get(2)?;
+            Ok(proto::pb::Source {
+                name: r.get(0)?,
+                paths: serde_json::from_str(&paths).unwrap_or_default(),
+                excludes: serde_json::from_str(&excludes).unwrap_or_default(),
+                schedule: r.get(3)?,
+                realtime: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

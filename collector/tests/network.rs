@@ -914,3 +914,59 @@ fn wan_bench() {
         100.0 * bytes as f64 / secs / rate as f64
     );
 }
+
+#[test]
+fn sources_are_pushed_and_backup_now_runs_as_a_job() {
+    let c = Collector::start();
+    c.ok(&["site", "add", "nice"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = enrolled(&c, "nice", tmp.path());
+    let src = tmp.path().join("share");
+    std::fs::create_dir_all(src.join("cache")).expect("mkdir");
+    std::fs::write(src.join("keep.txt"), b"keep").expect("w");
+    std::fs::write(src.join("drop.tmp"), b"drop").expect("w");
+    std::fs::write(src.join("cache").join("x"), b"x").expect("w");
+    let id = c.agents()[0]["id"].as_str().expect("id").to_string();
+    // A bad schedule is refused with a clear message.
+    let bad = c.hubvault(&[
+        "source",
+        "add",
+        "--agent",
+        &id,
+        "--path",
+        "/x",
+        "--schedule",
+        "every day",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("schedule"));
+    c.ok(&[
+        "source",
+        "add",
+        "--agent",
+        &id,
+        "--name",
+        "share",
+        "--path",
+        src.to_str().expect("utf8"),
+        "--exclude",
+        "*.tmp",
+        "--exclude",
+        "cache",
+        "--schedule",
+        "0 0 2 * * *",
+    ]);
+    let _agent = KillOnDrop(spawn_agent(&state));
+    wait_for("agent online", || {
+        c.agents().first().is_some_and(|a| a["online"] == true)
+    });
+    wait_for("sources pushed", || state.join("sources.json").exists());
+    let job = c.ok(&["backup-now", "--agent", &id]);
+    let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "60", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0]["source"], "share");
+    assert_eq!(snaps[0]["files"], 1, "excludes applied: only keep.txt");
+}

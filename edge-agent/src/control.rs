@@ -97,6 +97,7 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
         Err(s) => return classify(s),
     };
     tracing::info!("control stream open");
+    let sources: std::sync::Mutex<Vec<pb::Source>> = std::sync::Mutex::new(Vec::new());
     let mut inbound = resp.into_inner();
     loop {
         match inbound.next().await {
@@ -104,6 +105,25 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
                 Some(pb::collector_command::Command::Revoked(r)) => return End::Revoked(r.reason),
                 Some(pb::collector_command::Command::Sources(s)) => {
                     tracing::info!("collector assigned {} sources", s.sources.len());
+                    // Remembered across restarts; policies live at the collector.
+                    let json = serde_json::json!(s
+                        .sources
+                        .iter()
+                        .map(|x| serde_json::json!({"name": x.name, "paths": x.paths, "excludes": x.excludes,
+                            "schedule": x.schedule, "realtime": x.realtime}))
+                        .collect::<Vec<_>>());
+                    if let Err(e) = st.write("sources.json", json.to_string().as_bytes(), false) {
+                        tracing::warn!("saving sources: {e:#}");
+                    }
+                    if let Ok(mut cur) = sources.lock() {
+                        *cur = s.sources;
+                    }
+                }
+                Some(pb::collector_command::Command::BackupNow(b)) => {
+                    let st = StateDir::new(st.root());
+                    let tx = out_tx.clone();
+                    let list = sources.lock().map(|s| s.clone()).unwrap_or_default();
+                    tokio::spawn(async move { run_backup_job(st, b, list, tx).await });
                 }
                 Some(pb::collector_command::Command::Restore(job)) => {
                     let st = StateDir::new(st.root());
@@ -113,7 +133,6 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
                         crate::control::run_restore(st, collector, job, tx).await
                     });
                 }
-                Some(other) => tracing::warn!("command not supported yet: {other:?}"),
                 None => {}
             },
             Some(Err(s)) => return classify(s),
@@ -161,6 +180,55 @@ fn report(
             bytes,
         })),
     }
+}
+
+/// Run one backup-now job: every matching source, one snapshot each.
+pub async fn run_backup_job(
+    st: StateDir,
+    cmd: pb::BackupNow,
+    sources: Vec<pb::Source>,
+    tx: tokio::sync::mpsc::Sender<pb::AgentEvent>,
+) {
+    let id = cmd.job_id;
+    let _ = tx
+        .send(report(id, pb::JobState::Running, "backing up".into(), 0, 0))
+        .await;
+    let mut done = Vec::new();
+    let (mut files, mut bytes) = (0, 0);
+    let mut failed = None;
+    for s in sources
+        .iter()
+        .filter(|s| cmd.source.is_empty() || s.name == cmd.source)
+    {
+        let paths = s.paths.iter().map(std::path::PathBuf::from).collect();
+        match crate::backup::run(&st, &s.name, paths, s.excludes.clone()).await {
+            Ok(run) => {
+                files += run.local.stats.files;
+                bytes += run.upload.bytes_sent;
+                done.push(format!(
+                    "{}: snapshot {}",
+                    s.name,
+                    run.snapshot().map(|i| i.short()).unwrap_or_default()
+                ));
+            }
+            Err(e) => {
+                failed = Some(format!("{}: {e:#}", s.name));
+                break;
+            }
+        }
+    }
+    let ev = match failed {
+        Some(msg) => report(id, pb::JobState::Failed, msg, files, bytes),
+        None if done.is_empty() => report(
+            id,
+            pb::JobState::Failed,
+            format!("no source {:?}", cmd.source),
+            0,
+            0,
+        ),
+        None => report(id, pb::JobState::Done, done.join("; "), files, bytes),
+    };
+    let _ = tx.send(ev).await;
 }
 
 /// Run one restore job: pull what is missing into the spool, restore, report.

@@ -12,6 +12,7 @@
 //! (the spool keeps what it backed up); trimming it is future work.
 
 pub mod acked;
+pub mod backup;
 pub mod control;
 pub mod enroll;
 pub mod pull;

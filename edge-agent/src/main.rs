@@ -42,6 +42,9 @@ enum Command {
         /// Name of the source (a named set of paths).
         #[arg(long, default_value = "default")]
         source: String,
+        /// Leave out entries matching this glob (repeatable).
+        #[arg(long = "exclude")]
+        excludes: Vec<String>,
         /// Files and directories to back up.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -85,8 +88,9 @@ fn main() -> Result<()> {
         Command::Backup {
             state,
             source,
+            excludes,
             paths,
-        } => rt.block_on(backup(&state, &source, paths)),
+        } => rt.block_on(backup(&state, &source, paths, excludes)),
         Command::Run {
             state,
             heartbeat_secs,
@@ -101,40 +105,31 @@ fn main() -> Result<()> {
 }
 
 /// Back up into the spool, then upload and commit at the collector.
-async fn backup(state: &std::path::Path, source: &str, paths: Vec<PathBuf>) -> Result<()> {
+async fn backup(
+    state: &std::path::Path,
+    source: &str,
+    paths: Vec<PathBuf>,
+    excludes: Vec<String>,
+) -> Result<()> {
     let st = StateDir::new(state);
-    let cfg = st.config()?;
-    let st2 = StateDir::new(state);
-    let (repo, acked) = tokio::task::spawn_blocking(move || st2.spool()).await??;
-    let (repo, acked) = (std::sync::Arc::new(repo), std::sync::Arc::new(acked));
-    let r = repo.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        repo_format::backup::backup(&r, &paths, &repo_format::backup::BackupOptions::default())
-    })
-    .await?
-    .context("local backup failed")?;
-    for i in &out.snapshot.issues {
+    let run = edge_agent::backup::run(&st, source, paths, excludes).await?;
+    for i in &run.local.issues {
         eprintln!("warning: {}: {}", i.path, i.reason);
     }
-    let started = std::time::Instant::now();
-    let mut client = edge_agent::control::connect(&st, &cfg.collector).await?;
-    let report = edge_agent::upload::upload_snapshot(&mut client, repo, acked, out.id, source)
-        .await
-        .context("upload to the collector failed; run the backup again to resume")?;
-    let secs = started.elapsed().as_secs_f64();
+    let r = &run.upload;
     eprintln!(
         "{} files, {} blobs new to this agent, {} sent ({} bytes) in {:.2} s upload ({:.1} MB/s)",
-        out.snapshot.stats.files,
-        report.candidates,
-        report.sent,
-        report.bytes_sent,
-        secs,
-        report.bytes_sent as f64 / secs.max(1e-6) / 1e6
+        run.local.stats.files,
+        r.candidates,
+        r.sent,
+        r.bytes_sent,
+        run.upload_secs,
+        r.bytes_sent as f64 / run.upload_secs.max(1e-6) / 1e6
     );
-    if let Some(id) = report.snapshot {
+    if let Some(id) = run.snapshot() {
         println!("{id}");
     }
-    if out.snapshot.is_partial() {
+    if run.local.is_partial() {
         std::process::exit(3);
     }
     Ok(())

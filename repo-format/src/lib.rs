@@ -29,6 +29,7 @@ pub mod consts;
 pub mod crypto;
 pub mod error;
 pub mod fsutil;
+pub mod glob;
 pub mod id;
 pub mod keyring;
 pub mod meta;

@@ -135,6 +135,7 @@ pub fn backup_options() -> BackupOptions {
         threads: 2,
         hostname: HOSTNAME.into(),
         progress: None,
+        excludes: Vec::new(),
     }
 }
 

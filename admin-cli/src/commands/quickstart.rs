@@ -45,7 +45,10 @@ fn sibling(name: &str) -> Result<PathBuf> {
 fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -62,7 +65,13 @@ pub(crate) fn run(data: &Path, listen: &str, once: bool, paths: &[PathBuf]) -> R
     let agent = data.join("agent");
     let url = format!("https://{listen}");
     if !cdata.join("state.db").exists() {
-        run_ok(Command::new(&collector_bin).arg("init").arg("--data").arg(&cdata), "hubvault-collector init")?;
+        run_ok(
+            Command::new(&collector_bin)
+                .arg("init")
+                .arg("--data")
+                .arg(&cdata),
+            "hubvault-collector init",
+        )?;
         println!("created collector data in {}", cdata.display());
     }
     let mut child = Command::new(&collector_bin)
@@ -82,13 +91,18 @@ pub(crate) fn run(data: &Path, listen: &str, once: bool, paths: &[PathBuf]) -> R
     }
     let hv = |args: &[&str]| -> Command {
         let mut c = Command::new(&me);
-        c.args(args).env("HUBVAULT_ADMIN", &admin).env("HUBVAULT_COLLECTOR", &url);
+        c.args(args)
+            .env("HUBVAULT_ADMIN", &admin)
+            .env("HUBVAULT_COLLECTOR", &url);
         c
     };
     if !agent.join("agent.json").exists() {
         // The site may exist from an interrupted earlier run.
         let _ = hv(&["site", "add", "local"]).output();
-        let token = run_ok(&mut hv(&["enroll-token", "--site", "local", "--ttl", "10m"]), "hubvault enroll-token")?;
+        let token = run_ok(
+            &mut hv(&["enroll-token", "--site", "local", "--ttl", "10m"]),
+            "hubvault enroll-token",
+        )?;
         run_ok(
             Command::new(&agent_bin)
                 .args(["enroll", "--collector", &url, "--token", &token, "--state"])
@@ -112,7 +126,10 @@ pub(crate) fn run(data: &Path, listen: &str, once: bool, paths: &[PathBuf]) -> R
     println!("  {} status", me.display());
     println!("  {} snapshots", me.display());
     println!("  {} agents", me.display());
-    println!("  {} restore <snapshot> --to-agent <agent id> --target /tmp/restored", me.display());
+    println!(
+        "  {} restore <snapshot> --to-agent <agent id> --target /tmp/restored",
+        me.display()
+    );
     println!("  {} jobs --wait <job id>", me.display());
     if once {
         return Ok(ExitCode::SUCCESS);
@@ -131,7 +148,11 @@ pub(crate) fn run(data: &Path, listen: &str, once: bool, paths: &[PathBuf]) -> R
     std::thread::spawn(move || {
         let mut s = String::new();
         // EOF on stdin (e.g. </dev/null) also ends the quickstart.
-        while std::io::stdin().read_line(&mut s).map(|n| n > 0).unwrap_or(false) {
+        while std::io::stdin()
+            .read_line(&mut s)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
             s.clear();
         }
         let _ = tx.send(());

@@ -51,6 +51,31 @@ pub(crate) enum SiteCommand {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum SourceCommand {
+    /// Define (or replace) a source of an agent; the agent picks it up at once.
+    Add {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// Name of the source.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Absolute path on the agent (repeatable).
+        #[arg(long = "path", required = true)]
+        paths: Vec<String>,
+        /// Glob to leave out (repeatable).
+        #[arg(long = "exclude")]
+        excludes: Vec<String>,
+        /// Cron schedule with seconds, e.g. "0 0 2 * * *" (run by agents in a later release).
+        #[arg(long, conflicts_with = "realtime")]
+        schedule: Option<String>,
+        /// Continuous snapshots on change (run by agents in a later release).
+        #[arg(long)]
+        realtime: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub(crate) enum AgentCommand {
     /// Revoke an agent's certificate: refused from its next call, its live streams closed.
     Revoke {
@@ -299,6 +324,54 @@ pub(crate) fn agent(remote: &Remote, cmd: AgentCommand) -> Result<ExitCode> {
         "agent {id} revoked (certificate serial {})",
         resp.into_inner().serial
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hubvault source add ...`.
+pub(crate) fn source(remote: &Remote, cmd: SourceCommand) -> Result<ExitCode> {
+    let SourceCommand::Add {
+        agent,
+        name,
+        paths,
+        excludes,
+        schedule,
+        realtime,
+    } = cmd;
+    rt()?.block_on(async {
+        remote
+            .client()
+            .await?
+            .add_source(pb::AddSourceRequest {
+                protocol: PROTOCOL,
+                agent_id: agent.clone(),
+                name: name.clone(),
+                paths,
+                excludes,
+                schedule: schedule.unwrap_or_default(),
+                realtime,
+            })
+            .await
+            .with_context(|| format!("adding source {name} to agent {agent}"))
+    })?;
+    println!("source {name} set on agent {agent}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hubvault backup-now --agent ID [--source NAME]`: prints the job id.
+pub(crate) fn backup_now(remote: &Remote, agent: &str, source: Option<String>) -> Result<ExitCode> {
+    let resp = rt()?.block_on(async {
+        remote
+            .client()
+            .await?
+            .backup_now(pb::BackupNowRequest {
+                protocol: PROTOCOL,
+                agent_id: agent.to_string(),
+                source: source.unwrap_or_default(),
+            })
+            .await
+            .with_context(|| format!("asking agent {agent} to back up"))
+    })?;
+    println!("{}", resp.into_inner().job_id);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -273,6 +273,114 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
+
+    async fn add_source(
+        &self,
+        req: Request<pb::AddSourceRequest>,
+    ) -> Result<Response<pb::AddSourceResponse>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        convert::site_name(&r.name).map_err(|_| {
+            Status::invalid_argument("source name: 1-64 characters of a-z, 0-9 and '-'")
+        })?;
+        if r.paths.is_empty()
+            || r.paths.len() > 100
+            || r.paths
+                .iter()
+                .any(|p| !p.starts_with('/') || p.len() > 4096)
+        {
+            return Err(Status::invalid_argument(
+                "a source needs 1-100 absolute paths",
+            ));
+        }
+        if r.excludes.len() > 100 || r.excludes.iter().any(|e| e.len() > 1024) {
+            return Err(Status::invalid_argument(
+                "at most 100 excludes of at most 1024 bytes",
+            ));
+        }
+        if !r.schedule.is_empty() {
+            use std::str::FromStr;
+            cron::Schedule::from_str(&r.schedule).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "schedule {:?}: {e} (format: sec min hour day month weekday)",
+                    r.schedule
+                ))
+            })?;
+        }
+        let agent_id = r.agent_id.clone();
+        let source = pb::Source {
+            name: r.name,
+            paths: r.paths,
+            excludes: r.excludes,
+            schedule: r.schedule,
+            realtime: r.realtime,
+        };
+        self.ctx
+            .blocking(move |c| {
+                c.state.agent_site(&agent_id)?.ok_or_else(|| {
+                    ServiceError::NotFound(format!("agent {agent_id} (or it is revoked)"))
+                })?;
+                c.state.put_source(&agent_id, &source)
+            })
+            .await?;
+        self.push_sources(&r.agent_id).await?;
+        Ok(Response::new(pb::AddSourceResponse {}))
+    }
+
+    async fn backup_now(
+        &self,
+        req: Request<pb::BackupNowRequest>,
+    ) -> Result<Response<pb::BackupNowResponse>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        let (agent_id, source) = (r.agent_id.clone(), r.source.clone());
+        let job_id = self
+            .ctx
+            .blocking(move |c| {
+                c.state.agent_site(&agent_id)?.ok_or_else(|| {
+                    ServiceError::NotFound(format!("agent {agent_id} (or it is revoked)"))
+                })?;
+                let sources = c.state.sources(&agent_id)?;
+                if sources.is_empty()
+                    || (!source.is_empty() && !sources.iter().any(|s| s.name == source))
+                {
+                    return Err(ServiceError::NotFound(format!(
+                        "source {source:?} of agent {agent_id} (add one with `hubvault source add`)"
+                    )));
+                }
+                c.state.add_job("backup", &agent_id, &[], "", &source)
+            })
+            .await?;
+        let pushed = self
+            .ctx
+            .push(
+                &r.agent_id,
+                pb::collector_command::Command::BackupNow(pb::BackupNow {
+                    source: r.source,
+                    job_id,
+                }),
+            )
+            .await;
+        if !pushed {
+            tracing::info!(job = job_id, "agent offline: backup job waits for it");
+        }
+        Ok(Response::new(pb::BackupNowResponse { job_id }))
+    }
+}
+
+impl AdminSvc {
+    /// Push the current sources of `agent_id` if it is online.
+    async fn push_sources(&self, agent_id: &str) -> Result<(), Status> {
+        let id = agent_id.to_string();
+        let sources = self.ctx.blocking(move |c| c.state.sources(&id)).await?;
+        self.ctx
+            .push(
+                agent_id,
+                pb::collector_command::Command::Sources(pb::Sources { sources }),
+            )
+            .await;
+        Ok(())
+    }
 }
 
 /// Record every blob below `root` as held by `site` (in batches; memory

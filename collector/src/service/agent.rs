@@ -46,11 +46,14 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         if let Ok(mut s) = self.ctx.sessions.lock() {
             s.insert(agent_id.clone(), tx.clone());
         }
+        // Policies live at the collector: the agent gets its sources on connect.
+        let id = agent_id.clone();
+        let sources = self.ctx.blocking(move |c| c.state.sources(&id)).await?;
         let _ = tx
             .send(Ok(pb::CollectorCommand {
-                command: Some(pb::collector_command::Command::Sources(
-                    pb::Sources::default(),
-                )),
+                command: Some(pb::collector_command::Command::Sources(pb::Sources {
+                    sources,
+                })),
             }))
             .await;
         // Jobs it has not finished (it may have restarted) are pushed again.

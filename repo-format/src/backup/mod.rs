@@ -76,6 +76,8 @@ pub struct BackupOptions {
     pub hostname: String,
     /// Optional live progress counters.
     pub progress: Option<Arc<Progress>>,
+    /// Entries to leave out (see [`crate::glob`]); excluded entries are not recorded.
+    pub excludes: Vec<String>,
 }
 
 impl Default for BackupOptions {
@@ -85,6 +87,7 @@ impl Default for BackupOptions {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             hostname: hostname(),
             progress: None,
+            excludes: Vec::new(),
         }
     }
 }
@@ -236,7 +239,8 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Res
 
     let progress = opts.progress.clone().unwrap_or_default();
     let shared = Shared::new(repo, progress);
-    let (root, counts) = stages::run(&shared, roots, parent_tree, opts.threads.max(1))?;
+    let excludes = crate::glob::Excludes::new(&opts.excludes);
+    let (root, counts) = stages::run(&shared, roots, parent_tree, opts.threads.max(1), &excludes)?;
 
     let stats = SnapshotStats {
         files: counts.files,

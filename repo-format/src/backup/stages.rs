@@ -69,6 +69,7 @@ pub(crate) fn run(
     roots: Vec<(Vec<u8>, PathBuf)>,
     parent_root: Option<Vec<Entry>>,
     threads: usize,
+    excludes: &crate::glob::Excludes,
 ) -> Result<(Id, Counts)> {
     let repo = shared.repo;
     // Fail early, before any thread starts, if the content key is absent.
@@ -119,7 +120,8 @@ pub(crate) fn run(
             .map_err(spawn_err)?;
         drop(pack_tx);
 
-        let walk = Walker::new(shared, file_tx, build_tx).and_then(|w| w.run(roots, parent_root));
+        let walk = Walker::new(shared, file_tx, build_tx, excludes)
+            .and_then(|w| w.run(roots, parent_root));
         if let Err(e) = walk {
             shared.fail(e);
         }

@@ -59,6 +59,9 @@ pub(crate) fn resolve_roots(paths: &[PathBuf]) -> Result<Vec<(Vec<u8>, PathBuf)>
 
 pub(crate) struct Walker<'s, 'r> {
     shared: &'s Shared<'r>,
+    excludes: &'s crate::glob::Excludes,
+    /// Path below the current root, `/`-separated (for exclude patterns).
+    rel: Vec<u8>,
     reader: crate::catalog::Catalog,
     files: Sender<FileJob>,
     build: Sender<BuildItem>,
@@ -83,9 +86,12 @@ impl<'s, 'r> Walker<'s, 'r> {
         shared: &'s Shared<'r>,
         files: Sender<FileJob>,
         build: Sender<BuildItem>,
+        excludes: &'s crate::glob::Excludes,
     ) -> Result<Self> {
         Ok(Walker {
             shared,
+            excludes,
+            rel: Vec::new(),
             reader: crate::catalog::Catalog::open_reader(&shared.repo.catalog_path())?,
             files,
             build,
@@ -111,7 +117,36 @@ impl<'s, 'r> Walker<'s, 'r> {
 
     /// Emit one item per (name, path), in the given (sorted) order.
     fn entries(&mut self, list: Vec<(Vec<u8>, PathBuf)>, parent: Option<&[Entry]>) -> Result<()> {
+        self.entries_at(list, parent, false)
+    }
+
+    fn entries_at(
+        &mut self,
+        list: Vec<(Vec<u8>, PathBuf)>,
+        parent: Option<&[Entry]>,
+        is_root: bool,
+    ) -> Result<()> {
         for (name, path) in list {
+            let rel_len = self.rel.len();
+            if !is_root {
+                if !self.rel.is_empty() {
+                    self.rel.push(b'/');
+                }
+                self.rel.extend_from_slice(&name);
+                if !self.excludes.is_empty() && self.excludes.excluded(&name, &self.rel) {
+                    self.rel.truncate(rel_len);
+                    continue;
+                }
+            }
+            let r = self.entry(name, path, parent);
+            self.rel.truncate(rel_len);
+            r?;
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, name: Vec<u8>, path: PathBuf, parent: Option<&[Entry]>) -> Result<()> {
+        {
             if self.shared.aborted() {
                 return Err(Error::Pipeline("backup aborted".into()));
             }
@@ -120,7 +155,7 @@ impl<'s, 'r> Walker<'s, 'r> {
                 Ok(m) => m,
                 Err(e) => {
                     self.shared.issue(&path, format!("cannot stat: {e}"));
-                    continue;
+                    return Ok(());
                 }
             };
             let mut entry = meta::entry_from_metadata(name, &md);
@@ -138,7 +173,7 @@ impl<'s, 'r> Walker<'s, 'r> {
                         Ok(t) => entry.target = t.as_os_str().as_bytes().to_vec(),
                         Err(e) => {
                             self.shared.issue(&path, format!("cannot read link: {e}"));
-                            continue;
+                            return Ok(());
                         }
                     }
                     self.emit(BuildItem::Ready(entry))?;
