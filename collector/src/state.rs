@@ -252,6 +252,30 @@ impl State {
         Ok((TokenRow { site, wrapped_keys }, agent_id, serial))
     }
 
+    /// Give `agent_id` a new certificate serial (renewal): the old serial is
+    /// revoked so that a stolen old certificate stops working too.
+    pub fn renew_serial(&self, agent_id: &str, old: u64) -> Result<u64, ServiceError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let serial = next_counter(&tx, "serial")?;
+        let n = tx.execute(
+            "UPDATE agents SET serial = ?1 WHERE agent_id = ?2 AND serial = ?3 AND revoked_ns IS NULL",
+            params![serial as i64, agent_id, old as i64],
+        )?;
+        if n == 0 {
+            return Err(ServiceError::Denied(format!(
+                "agent {agent_id} cannot renew with this certificate"
+            )));
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked(serial, time_ns) VALUES (?1, ?2)",
+            params![old as i64, now_ns()],
+        )?;
+        next_counter(&tx, "crl")?;
+        tx.commit()?;
+        Ok(serial)
+    }
+
     /// The next certificate serial (for admin certificates).
     pub fn next_serial(&self) -> Result<u64, ServiceError> {
         let mut c = self.conn()?;

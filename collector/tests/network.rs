@@ -970,3 +970,54 @@ fn sources_are_pushed_and_backup_now_runs_as_a_job() {
     assert_eq!(snaps[0]["source"], "share");
     assert_eq!(snaps[0]["files"], 1, "excludes applied: only keep.txt");
 }
+
+#[test]
+fn renewal_issues_a_new_certificate_and_retires_the_old_one() {
+    let c = Collector::start();
+    c.ok(&["site", "add", "metz"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = enrolled(&c, "metz", tmp.path());
+    let old = tmp.path().join("old");
+    std::fs::create_dir_all(&old).expect("mkdir");
+    std::fs::copy(state.join("agent.pem"), old.join("agent.pem")).expect("cp");
+    std::fs::copy(state.join("agent.key"), old.join("agent.key")).expect("cp");
+    let o = Command::new(bin("hubvault-agent"))
+        .args(["renew", "--state"])
+        .arg(&state)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("renew");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(
+        std::fs::read(state.join("agent.pem")).expect("r"),
+        std::fs::read(old.join("agent.pem")).expect("r")
+    );
+    rt().block_on(async {
+        let c = &c;
+        let call = |dir: PathBuf| async move {
+            match c.channel(Some((&dir, "agent"))).await {
+                Err(_) => Err(tonic::Code::Unavailable),
+                Ok(ch) => pb::agent_service_client::AgentServiceClient::new(ch)
+                    .missing_blobs(pb::MissingBlobsRequest {
+                        protocol: PROTOCOL,
+                        ids: vec![],
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.code()),
+            }
+        };
+        assert!(
+            call(state.clone()).await.is_ok(),
+            "the renewed certificate works"
+        );
+        assert!(
+            call(old.clone()).await.is_err(),
+            "the old certificate is retired"
+        );
+    });
+    // Same identity after renewal: still the same agent, online-able, not revoked.
+    let a = &c.agents()[0];
+    assert_eq!(a["revoked"], false);
+    assert_eq!(a["site"], "metz");
+}

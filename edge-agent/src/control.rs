@@ -302,12 +302,64 @@ async fn restore_job(
     Ok(out)
 }
 
+/// Seconds left and total lifetime of our certificate.
+fn cert_life(st: &StateDir) -> Result<(i64, i64)> {
+    let pem = st.read("agent.pem")?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(&pem).context("agent.pem is not PEM")?;
+    let cert = p.parse_x509().context("agent.pem is not a certificate")?;
+    let v = cert.validity();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Ok((
+        v.not_after.timestamp() - now,
+        v.not_after.timestamp() - v.not_before.timestamp(),
+    ))
+}
+
+/// Renew the certificate when less than half of its life is left.
+pub async fn renew_if_due(st: &StateDir, collector: &str, force: bool) -> Result<bool> {
+    st.recover_identity()?;
+    let (left, total) = cert_life(st)?;
+    if !force && left > total / 2 {
+        return Ok(false);
+    }
+    if left <= 0 {
+        bail!("the agent certificate expired; enroll again with a new token");
+    }
+    let key = rcgen::KeyPair::generate().context("generating a new key")?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .context("building the CSR")?;
+    let resp = connect(st, collector)
+        .await?
+        .renew(pb::RenewRequest {
+            protocol: PROTOCOL,
+            csr_der: csr.der().to_vec(),
+        })
+        .await
+        .context("renewing the certificate")?
+        .into_inner();
+    st.replace_identity(&key.serialize_pem(), &resp.certificate_pem)?;
+    tracing::info!(
+        "certificate renewed (valid {} s)",
+        resp.certificate_ttl_secs
+    );
+    Ok(true)
+}
+
 /// Run until revoked: keep the control stream up, reconnecting with backoff.
 pub async fn run(st: &StateDir, opts: &ControlOptions) -> Result<()> {
     let cfg = st.config()?;
     tracing::info!(agent = %cfg.agent_id, site = %cfg.site, collector = %cfg.collector, "agent starting");
     let mut backoff = Duration::from_secs(1);
     loop {
+        // Sessions end at least every few minutes (the collector caps
+        // connection age), so this runs often enough for 7-day certificates.
+        if let Err(e) = renew_if_due(st, &cfg.collector, false).await {
+            tracing::warn!("certificate renewal: {e:#}");
+        }
         match session(st, &cfg.collector, opts).await {
             End::Revoked(why) => bail!(
                 "this agent was revoked by the collector ({why}); enroll again with a new token"

@@ -49,6 +49,12 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Renew the agent's certificate now (normally automatic at half-life).
+    Renew {
+        /// State directory written by `enroll`.
+        #[arg(long)]
+        state: PathBuf,
+    },
     /// Run: keep the control stream to the collector up.
     Run {
         /// State directory written by `enroll`.
@@ -91,6 +97,13 @@ fn main() -> Result<()> {
             excludes,
             paths,
         } => rt.block_on(backup(&state, &source, paths, excludes)),
+        Command::Renew { state } => {
+            let st = StateDir::new(&state);
+            let cfg = st.config()?;
+            rt.block_on(edge_agent::control::renew_if_due(&st, &cfg.collector, true))?;
+            println!("certificate renewed");
+            Ok(())
+        }
         Command::Run {
             state,
             heartbeat_secs,

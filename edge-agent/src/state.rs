@@ -65,6 +65,32 @@ impl StateDir {
         self.path("agent.json").exists()
     }
 
+    /// Finish an interrupted certificate renewal. Renewal writes
+    /// `agent.key.new`, then `agent.pem.new` (the commit marker), then renames
+    /// the key, then the certificate: whatever the crash point, this leaves a
+    /// matching pair.
+    pub fn recover_identity(&self) -> Result<()> {
+        let (kn, pn) = (self.path("agent.key.new"), self.path("agent.pem.new"));
+        if pn.exists() {
+            if kn.exists() {
+                std::fs::rename(&kn, self.path("agent.key")).context("finishing key renewal")?;
+            }
+            std::fs::rename(&pn, self.path("agent.pem"))
+                .context("finishing certificate renewal")?;
+        } else if kn.exists() {
+            std::fs::remove_file(&kn).context("removing an unfinished renewal key")?;
+        }
+        Ok(())
+    }
+
+    /// Replace the identity with a renewed key and certificate (crash-safe, see
+    /// [`StateDir::recover_identity`]).
+    pub fn replace_identity(&self, key_pem: &str, cert_pem: &str) -> Result<()> {
+        self.write("agent.key.new", key_pem.as_bytes(), true)?;
+        self.write("agent.pem.new", cert_pem.as_bytes(), false)?;
+        self.recover_identity()
+    }
+
     /// Read a file as bytes.
     pub fn read(&self, name: &str) -> Result<Vec<u8>> {
         std::fs::read(self.path(name))

@@ -302,6 +302,41 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let who = caller(&req)?;
+        let Role::Agent { site, agent_id } = who.role.clone() else {
+            return Err(Status::permission_denied("agents only"));
+        };
+        let r = req.into_inner();
+        convert::protocol(r.protocol).map_err(ServiceError::from)?;
+        if r.csr_der.len() > 16 * 1024 {
+            return Err(Status::invalid_argument("CSR too large"));
+        }
+        let old = who.serial;
+        let cert = self
+            .ctx
+            .blocking(move |c| {
+                let key = crate::pki::Pki::csr_public_key(&r.csr_der)?;
+                let serial = c.state.renew_serial(&agent_id, old)?;
+                let role = Role::Agent { site, agent_id };
+                let cert = c
+                    .pki
+                    .issue_client(&role, serial, crate::pki::AGENT_CERT_TTL, &key)?;
+                // The old serial is revoked: refuse it on calls and handshakes.
+                c.revoked.insert(old);
+                c.publish_crl()?;
+                Ok(cert)
+            })
+            .await?;
+        Ok(Response::new(pb::RenewResponse {
+            certificate_pem: cert,
+            certificate_ttl_secs: crate::pki::AGENT_CERT_TTL.whole_seconds().max(0) as u64,
+        }))
+    }
 }
 
 /// Flush an upload batch when the agent pauses this long.
