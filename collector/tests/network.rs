@@ -1021,3 +1021,126 @@ fn renewal_issues_a_new_certificate_and_retires_the_old_one() {
     assert_eq!(a["revoked"], false);
     assert_eq!(a["site"], "metz");
 }
+
+#[test]
+fn agent_killed_mid_upload_resumes_without_resending() {
+    use integration_tests::fixture;
+    let c = Collector::start();
+    c.ok(&["site", "add", "brest"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = enrolled(&c, "brest", tmp.path());
+    let src = tmp.path().join("src");
+    fixture::build(&src, &fixture::bulk_tree(24, 4 * 1024 * 1024, 9)).expect("fixture");
+    let mut up = Command::new(bin("hubvault-agent"))
+        .args(["backup", "--source", "docs", "--state"])
+        .arg(&state)
+        .arg(&src)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("backup");
+    let packs = c.dir.path().join("data").join("repo").join("packs");
+    let count_packs = || {
+        std::fs::read_dir(&packs)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
+                    .sum::<usize>()
+            })
+            .unwrap_or(0)
+    };
+    wait_for("first pack at the collector", || count_packs() >= 1);
+    up.kill().expect("kill -9 the agent");
+    let _ = up.wait();
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
+    assert!(snaps.is_empty(), "no snapshot from the killed agent");
+    let again = agent_backup(&state, &src);
+    let err = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(again.status.success(), "{err}");
+    let words: Vec<&str> = err.split_whitespace().collect();
+    let sent: u64 = words[words.iter().position(|w| *w == "sent").expect("sent") - 1]
+        .parse()
+        .expect("n");
+    assert!(
+        sent < 24 * 4,
+        "acknowledged blobs were not sent again: {err}"
+    );
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
+    assert_eq!(snaps.len(), 1);
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Bench (by hand: `cargo test --release -p collector --test network -- --ignored --nocapture many_agents_bench`):
+/// 8 agents of 8 sites upload 32 MiB each at once; prints aggregate throughput
+/// and the collector's peak RSS; then one agent's 256 MiB end to end against
+/// its local backup alone (the spool engine), the loopback ratio.
+#[test]
+#[ignore = "bench: prints figures, asserts nothing about speed"]
+fn many_agents_bench() {
+    use integration_tests::fixture;
+    let c = Collector::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut agents = Vec::new();
+    for i in 0..8 {
+        let site = format!("site{i}");
+        c.ok(&["site", "add", &site]);
+        let state = enrolled(&c, &site, tmp.path());
+        let src = tmp.path().join(format!("src{i}"));
+        fixture::build(&src, &fixture::bulk_tree(8, 4 * 1024 * 1024, 100 + i)).expect("fixture");
+        agents.push((state, src));
+    }
+    let start = Instant::now();
+    let children: Vec<Child> = agents
+        .iter()
+        .map(|(state, src)| {
+            Command::new(bin("hubvault-agent"))
+                .args(["backup", "--source", "docs", "--state"])
+                .arg(state)
+                .arg(src)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for mut ch in children {
+        assert!(ch.wait().expect("wait").success());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "8 agents x 32 MiB at once: {secs:.2} s, {:.1} MB/s aggregate, collector peak RSS {} MiB",
+        8.0 * 32.0 * 1.048576 / secs,
+        vm_hwm_kib(c.child.id()) / 1024
+    );
+
+    c.ok(&["site", "add", "solo"]);
+    let state = enrolled(&c, "solo", tmp.path());
+    let src = tmp.path().join("solo");
+    fixture::build(&src, &fixture::bulk_tree(64, 4 * 1024 * 1024, 7)).expect("fixture");
+    let t = Instant::now();
+    let o = agent_backup(&state, &src);
+    let e2e = t.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let words: Vec<&str> = err.split_whitespace().collect();
+    let upload: f64 = words[words.iter().position(|w| *w == "upload").expect("upload") - 2]
+        .parse()
+        .expect("secs");
+    let local = e2e - upload;
+    println!(
+        "256 MiB end to end over loopback: {e2e:.2} s (local spool backup {local:.2} s + upload {upload:.2} s); e2e/local speed ratio {:.2}",
+        local / e2e
+    );
+}
