@@ -19,12 +19,13 @@ use crate::meta;
 use crate::pack::writer::PackWriter;
 use crate::tree::{self, Entry, EntryKind};
 
-/// A file to read, with its `lstat` metadata already in `entry`.
+/// Files to read, each with its `lstat` metadata already in its entry.
 pub(crate) struct FileJob {
-    pub(crate) path: PathBuf,
-    pub(crate) entry: Entry,
-    /// The finished entry, or `None` when the file could not be read (an issue was recorded).
-    pub(crate) reply: Sender<Option<Entry>>,
+    /// Consecutive files of one directory (small files travel in batches:
+    /// one hand-off per batch instead of one per file).
+    pub(crate) items: Vec<(PathBuf, Entry)>,
+    /// The finished entries in order, `None` where a file could not be read (an issue was recorded).
+    pub(crate) reply: Sender<Vec<Option<Entry>>>,
 }
 
 /// A chunk or tree to seal.
@@ -49,7 +50,7 @@ pub(crate) enum BuildItem {
     /// An entry whose metadata and content are final.
     Ready(Entry),
     /// A file being read by a worker.
-    Pending(Receiver<Option<Entry>>),
+    Pending(Receiver<Vec<Option<Entry>>>),
     /// The innermost open directory is complete.
     End,
 }
@@ -79,7 +80,7 @@ pub(crate) fn run(
     let setup = &setup;
     let (file_tx, file_rx) = bounded::<FileJob>(threads * 8);
     let (seal_tx, seal_rx) = bounded::<RawBlob>(threads * 2);
-    let (pack_tx, pack_rx) = bounded::<SealedBlob>(threads * 2);
+    let (pack_tx, pack_rx) = bounded::<Vec<SealedBlob>>(threads * 4);
     let (build_tx, build_rx) = bounded::<BuildItem>(4096);
 
     let result = std::thread::scope(|s| -> Result<(Id, Counts)> {
@@ -144,7 +145,7 @@ fn file_worker(
     shared: &Shared<'_>,
     rx: Receiver<FileJob>,
     tx: Sender<RawBlob>,
-    pack_tx: Sender<SealedBlob>,
+    pack_tx: Sender<Vec<SealedBlob>>,
     cat: &std::path::Path,
     setup: &ChunkerSetup,
 ) {
@@ -174,16 +175,32 @@ fn file_worker(
             shared,
             reader,
             tx: &tx,
-            pack_tx: &pack_tx,
             sealer: &mut sealer,
             setup,
             buf: &mut buf,
+            out: Vec::new(),
         };
-        match ctx.read_file(&job) {
-            Ok(entry) => {
-                let _ = job.reply.send(entry);
+        let mut done = Vec::with_capacity(job.items.len());
+        let mut failed = None;
+        for (path, entry) in &job.items {
+            match ctx.read_file(path, entry) {
+                Ok(e) => done.push(e),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
-            Err(e) => shared.fail(e),
+        }
+        // Blobs sealed here go to the packer in one message per batch.
+        let out = std::mem::take(&mut ctx.out);
+        if !out.is_empty() && pack_tx.send(out).is_err() {
+            failed.get_or_insert(Error::Pipeline("packer stopped".into()));
+        }
+        match failed {
+            None => {
+                let _ = job.reply.send(done);
+            }
+            Some(e) => shared.fail(e),
         }
     }
 }
@@ -196,8 +213,9 @@ struct FileCtx<'a, 's, 'r> {
     shared: &'s Shared<'r>,
     reader: &'a Catalog,
     tx: &'a Sender<RawBlob>,
-    pack_tx: &'a Sender<SealedBlob>,
     sealer: &'a mut Sealer,
+    /// Blobs sealed inline, sent to the packer when the batch is done.
+    out: Vec<SealedBlob>,
     setup: &'a ChunkerSetup,
     buf: &'a mut Vec<u8>,
 }
@@ -226,9 +244,8 @@ impl FileCtx<'_, '_, '_> {
                 raw_len: chunk.len() as u32,
                 sealed,
             };
-            self.pack_tx
-                .send(b)
-                .map_err(|_| Error::Pipeline("packer stopped".into()))
+            self.out.push(b);
+            Ok(())
         } else {
             let blob = RawBlob {
                 kind: BlobKind::Data,
@@ -292,13 +309,13 @@ impl FileCtx<'_, '_, '_> {
 
     /// Read, chunk and claim one file. `Ok(None)` = unreadable (issue recorded);
     /// `Err` = the backup must stop.
-    fn read_file(&mut self, job: &FileJob) -> Result<Option<Entry>> {
+    fn read_file(&mut self, path: &std::path::Path, entry: &Entry) -> Result<Option<Entry>> {
         let shared = self.shared;
-        let mut entry = job.entry.clone();
-        let file = match std::fs::File::open(&job.path) {
+        let mut entry = entry.clone();
+        let file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) => {
-                shared.issue(&job.path, format!("cannot open: {e}"));
+                shared.issue(path, format!("cannot open: {e}"));
                 return Ok(None);
             }
         };
@@ -306,7 +323,7 @@ impl FileCtx<'_, '_, '_> {
         let size = match self.content(&file, &mut entry)? {
             Ok(n) => n,
             Err(reason) => {
-                shared.issue(&job.path, reason);
+                shared.issue(path, reason);
                 return Ok(None);
             }
         };
@@ -323,7 +340,7 @@ impl FileCtx<'_, '_, '_> {
         };
         if changed {
             shared.issue(
-                &job.path,
+                path,
                 "changed while being read; stored content may be inconsistent",
             );
         }
@@ -337,16 +354,16 @@ impl FileCtx<'_, '_, '_> {
             entry.gid = fresh.gid;
         }
         entry.size = size;
-        match meta::read_xattrs(&job.path) {
+        match meta::read_xattrs(path) {
             Ok(x) => entry.xattrs = x,
-            Err(e) => shared.issue(&job.path, format!("cannot read xattrs: {e}")),
+            Err(e) => shared.issue(path, format!("cannot read xattrs: {e}")),
         }
         shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
         Ok(Some(entry))
     }
 }
 
-fn seal_worker(shared: &Shared<'_>, rx: Receiver<RawBlob>, tx: Sender<SealedBlob>) {
+fn seal_worker(shared: &Shared<'_>, rx: Receiver<RawBlob>, tx: Sender<Vec<SealedBlob>>) {
     let mut sealer = match Sealer::new(shared.repo.config().zstd_level) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -370,7 +387,7 @@ fn seal_worker(shared: &Shared<'_>, rx: Receiver<RawBlob>, tx: Sender<SealedBlob
                     raw_len: raw.data.len() as u32,
                     sealed,
                 };
-                if tx.send(b).is_err() {
+                if tx.send(vec![b]).is_err() {
                     shared.fail(Error::Pipeline("packer stopped".into()));
                 }
             }
@@ -379,7 +396,7 @@ fn seal_worker(shared: &Shared<'_>, rx: Receiver<RawBlob>, tx: Sender<SealedBlob
     }
 }
 
-fn packer(shared: &Shared<'_>, rx: Receiver<SealedBlob>) {
+fn packer(shared: &Shared<'_>, rx: Receiver<Vec<SealedBlob>>) {
     let repo = shared.repo;
     let target = repo.config().pack_target;
     let mut writer: Option<PackWriter> = None;
@@ -390,7 +407,7 @@ fn packer(shared: &Shared<'_>, rx: Receiver<SealedBlob>) {
         shared.release(fp.entries.iter().map(|e| e.id));
         Ok(())
     };
-    for b in rx {
+    for b in rx.into_iter().flatten() {
         if shared.aborted() {
             writer = None;
             continue;
@@ -434,7 +451,7 @@ fn packer(shared: &Shared<'_>, rx: Receiver<SealedBlob>) {
 fn tree_builder(
     shared: &Shared<'_>,
     rx: Receiver<BuildItem>,
-    tx: Sender<SealedBlob>,
+    tx: Sender<Vec<SealedBlob>>,
 ) -> Result<(Id, Counts)> {
     let repo = shared.repo;
     let reader = Catalog::open_reader(&repo.catalog_path())?;
@@ -466,11 +483,12 @@ fn tree_builder(
                 top.1.push(e);
             }
             BuildItem::Pending(reply) => match reply.recv() {
-                Ok(Some(e)) => {
-                    count(&mut counts, &e);
-                    top.1.push(e);
+                Ok(done) => {
+                    for e in done.into_iter().flatten() {
+                        count(&mut counts, &e);
+                        top.1.push(e);
+                    }
                 }
-                Ok(None) => {}
                 Err(_) => return Err(Error::Pipeline("file worker stopped".into())),
             },
             BuildItem::End => {
@@ -487,7 +505,7 @@ fn tree_builder(
                         raw_len: bytes.len() as u32,
                         sealed,
                     };
-                    tx.send(b)
+                    tx.send(vec![b])
                         .map_err(|_| Error::Pipeline("packer stopped".into()))?;
                 }
                 match dir {

@@ -66,7 +66,15 @@ pub(crate) struct Walker<'s, 'r> {
     files: Sender<FileJob>,
     build: Sender<BuildItem>,
     names: NameCache,
+    /// Small files waiting to go to a file worker as one job.
+    batch: Vec<(PathBuf, Entry)>,
+    batch_bytes: u64,
 }
+
+/// A batch is sent when it holds this many files...
+const BATCH_FILES: usize = 128;
+/// ...or this many bytes.
+const BATCH_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Same file as in the parent snapshot: nothing needs reading.
 fn unchanged(old: &Entry, new: &Entry) -> bool {
@@ -96,10 +104,30 @@ impl<'s, 'r> Walker<'s, 'r> {
             files,
             build,
             names: NameCache::default(),
+            batch: Vec::new(),
+            batch_bytes: 0,
         })
     }
 
-    fn emit(&self, item: BuildItem) -> Result<()> {
+    /// Send the pending batch of files, and tell the builder to expect its results here.
+    fn flush(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let items = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let (reply, rx) = bounded(1);
+        self.files
+            .send(FileJob { items, reply })
+            .map_err(|_| Error::Pipeline("file workers stopped".into()))?;
+        self.build
+            .send(BuildItem::Pending(rx))
+            .map_err(|_| Error::Pipeline("tree builder stopped".into()))
+    }
+
+    /// Emit an item after any pending batch (the builder consumes in walk order).
+    fn emit(&mut self, item: BuildItem) -> Result<()> {
+        self.flush()?;
         self.build
             .send(item)
             .map_err(|_| Error::Pipeline("tree builder stopped".into()))
@@ -216,11 +244,12 @@ impl<'s, 'r> Walker<'s, 'r> {
                 .fetch_add(entry.size, Ordering::Relaxed);
             return self.emit(BuildItem::Ready(entry));
         }
-        let (reply, rx) = bounded(1);
-        self.files
-            .send(FileJob { path, entry, reply })
-            .map_err(|_| Error::Pipeline("file workers stopped".into()))?;
-        self.emit(BuildItem::Pending(rx))
+        self.batch_bytes += entry.size;
+        self.batch.push((path, entry));
+        if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     fn dir(&mut self, path: PathBuf, mut entry: Entry, old: Option<&Entry>) -> Result<()> {
