@@ -174,19 +174,28 @@ pub fn restore_tree(
         None => repo.read_tree(root)?,
         Some(p) => vec![find_entry(repo, &snap_id, root, p)?],
     };
-    let (tx, rx) = bounded::<FileJob>(opts.threads.max(1) * 16);
+    // Each directory's small files go to one worker (round robin over
+    // directories): two threads creating and renaming in the same directory
+    // spin on its lock. Large files go to a shared queue any worker takes.
+    let threads = opts.threads.max(1);
+    let (shared_tx, shared_rx) = bounded::<FileJob>(threads * 4);
+    let mut own_txs = Vec::new();
     let mut links: Vec<(PathBuf, PathBuf, Arc<DirGuard>)> = Vec::new();
     std::thread::scope(|s| -> Result<()> {
-        for _ in 0..opts.threads.max(1) {
-            let rx = rx.clone();
+        for _ in 0..threads {
+            let (tx, rx) = bounded::<FileJob>(64);
+            own_txs.push(tx);
+            let shared = shared_rx.clone();
             let ctx = ctx.clone();
-            s.spawn(move || file_worker(repo, rx, &ctx));
+            s.spawn(move || file_worker(repo, rx, shared, &ctx));
         }
-        drop(rx);
+        drop(shared_rx);
         let mut w = TreeWalk {
             repo,
             ctx: &ctx,
-            tx,
+            own_txs: std::mem::take(&mut own_txs),
+            shared_tx,
+            next_worker: 0,
             hardlinks: HashMap::new(),
             links: &mut links,
         };
@@ -246,13 +255,17 @@ pub fn find_entry(repo: &Repository, snap: &Id, root: &Id, path: &str) -> Result
 struct TreeWalk<'a> {
     repo: &'a Repository,
     ctx: &'a Arc<Ctx>,
-    tx: crossbeam_channel::Sender<FileJob>,
+    own_txs: Vec<crossbeam_channel::Sender<FileJob>>,
+    shared_tx: crossbeam_channel::Sender<FileJob>,
+    next_worker: usize,
     hardlinks: HashMap<(u64, u64), PathBuf>,
     links: &'a mut Vec<(PathBuf, PathBuf, Arc<DirGuard>)>,
 }
 
 impl TreeWalk<'_> {
     fn entries(&mut self, entries: Vec<Entry>, dir: &Arc<DirGuard>) -> Result<()> {
+        let worker = self.next_worker % self.own_txs.len().max(1);
+        self.next_worker += 1;
         for e in entries {
             // Decoded trees are validated; check again, this is the last line of defence.
             if !valid_name(&e.name) {
@@ -279,8 +292,12 @@ impl TreeWalk<'_> {
                         entry: e,
                         _dir: dir.clone(),
                     };
-                    self.tx
-                        .send(job)
+                    let tx = if job.entry.size >= LARGE_FILE {
+                        &self.shared_tx
+                    } else {
+                        &self.own_txs[worker]
+                    };
+                    tx.send(job)
                         .map_err(|_| Error::Pipeline("restore workers stopped".into()))?;
                 }
                 EntryKind::Symlink => {
@@ -364,28 +381,53 @@ fn replace_with(
     })
 }
 
-fn file_worker(repo: &Repository, rx: Receiver<FileJob>, ctx: &Ctx) {
-    let reader = match Catalog::open_reader(&repo.catalog_path()) {
-        Ok(r) => r,
-        Err(e) => {
-            for job in rx {
-                ctx.error(&job.path, &e);
-            }
-            return;
+/// Files at least this large go to the shared queue (restored in parallel).
+const LARGE_FILE: u64 = 4 * 1024 * 1024;
+
+/// Take jobs from this worker's own queue and the shared one until both end.
+fn file_worker(repo: &Repository, own: Receiver<FileJob>, shared: Receiver<FileJob>, ctx: &Ctx) {
+    let mut handle: Box<dyn FnMut(FileJob)> = match (
+        Catalog::open_reader(&repo.catalog_path()),
+        blob::Opener::new(),
+    ) {
+        (Ok(reader), Ok(mut opener)) => {
+            Box::new(move |job| restore_file(repo, &reader, &mut opener, ctx, job))
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            let msg = e.to_string();
+            Box::new(move |job: FileJob| ctx.error(&job.path, &msg))
         }
     };
-    let mut opener = match blob::Opener::new() {
-        Ok(o) => o,
-        Err(e) => {
-            for job in rx {
-                ctx.error(&job.path, &e);
-            }
-            return;
+    loop {
+        crossbeam_channel::select! {
+            recv(own) -> m => match m {
+                Ok(job) => handle(job),
+                Err(_) => {
+                    shared.iter().for_each(&mut handle);
+                    break;
+                }
+            },
+            recv(shared) -> m => match m {
+                Ok(job) => handle(job),
+                Err(_) => {
+                    own.iter().for_each(&mut handle);
+                    break;
+                }
+            },
         }
-    };
-    for job in rx {
+    }
+}
+
+fn restore_file(
+    repo: &Repository,
+    reader: &Catalog,
+    opener: &mut blob::Opener,
+    ctx: &Ctx,
+    job: FileJob,
+) {
+    {
         let tmp = tmp_name(&job.path);
-        match write_file(repo, &reader, &mut opener, &tmp, &job.entry) {
+        match write_file(repo, reader, opener, &tmp, &job.entry) {
             Ok(n) => {
                 let w = meta::apply(&tmp, &job.entry, ctx.set_owner);
                 ctx.warn(&job.path, w);
