@@ -247,6 +247,27 @@ impl Catalog {
         st.exists([&id.0[..]]).map_err(cat_err("checking blob"))
     }
 
+    /// Start a read transaction that lasts until this connection is dropped:
+    /// every lookup then reads one snapshot of the catalog without taking
+    /// locks per statement. For a backup's walker, which only asks whether
+    /// blobs of the parent still exist: blobs vanish only through a rebuild
+    /// or a prune, which need the exclusive repository lock.
+    pub fn hold_read_snapshot(&self) -> Result<()> {
+        self.conn
+            .execute_batch("BEGIN DEFERRED; SELECT count(*) FROM packs WHERE 0;")
+            .map_err(cat_err("starting a read snapshot"))
+    }
+
+    /// True when every id in `ids` is catalogued (stops at the first missing one).
+    pub fn all_present(&self, ids: &[Id]) -> Result<bool> {
+        for id in ids {
+            if !self.contains(id)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Of `ids`, the ones not catalogued, in the given order (one read transaction for the batch).
     pub fn missing(&mut self, ids: &[Id]) -> Result<Vec<Id>> {
         let tx = self

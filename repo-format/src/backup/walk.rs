@@ -100,7 +100,11 @@ impl<'s, 'r> Walker<'s, 'r> {
             shared,
             excludes,
             rel: Vec::new(),
-            reader: crate::catalog::Catalog::open_reader(&shared.repo.catalog_path())?,
+            reader: {
+                let r = crate::catalog::Catalog::open_reader(&shared.repo.catalog_path())?;
+                r.hold_read_snapshot()?;
+                r
+            },
             files,
             build,
             names: NameCache::default(),
@@ -226,7 +230,7 @@ impl<'s, 'r> Walker<'s, 'r> {
         // Reuse the parent's chunks only if they are all still catalogued: a
         // pack lost since (and dropped by a rebuild) must be stored again.
         let old = match old.filter(|o| unchanged(o, &entry)) {
-            Some(o) if self.reader.missing(&o.chunks)?.is_empty() => Some(o),
+            Some(o) if self.reader.all_present(&o.chunks)? => Some(o),
             _ => None,
         };
         if let Some(old) = old {
