@@ -1144,3 +1144,78 @@ fn many_agents_bench() {
         local / e2e
     );
 }
+
+/// Issue a client certificate from the collector's own CA with chosen flaws.
+fn flawed_cert(
+    c: &Collector,
+    dir: &Path,
+    name: &str,
+    tweak: impl FnOnce(&mut rcgen::CertificateParams),
+) {
+    let pki = c.dir.path().join("data").join("pki");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca.key")).expect("ca.key"))
+            .expect("key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(pki.join("ca.pem")).expect("ca.pem"),
+        ca_key,
+    )
+    .expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        "urn:hubvault:admin:admin".try_into().expect("uri"),
+    )];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x7f, 0x01]));
+    tweak(&mut p);
+    let cert = p.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("w");
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("w");
+}
+
+#[test]
+fn real_ca_certificates_with_flaws_are_refused() {
+    let c = Collector::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86400);
+    flawed_cert(&c, tmp.path(), "expired", |p| {
+        p.not_before = (now - 10 * day).into();
+        p.not_after = (now - day).into();
+    });
+    flawed_cert(&c, tmp.path(), "future", |p| {
+        p.not_before = (now + day).into();
+        p.not_after = (now + 10 * day).into();
+    });
+    flawed_cert(&c, tmp.path(), "serveronly", |p| {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    });
+    flawed_cert(&c, tmp.path(), "fine", |_| {});
+    rt().block_on(async {
+        let call = |name: &'static str| {
+            let c = &c;
+            let dir = tmp.path().to_path_buf();
+            async move {
+                match c.channel(Some((&dir, name))).await {
+                    Err(_) => Err(()),
+                    Ok(ch) => pb::admin_service_client::AdminServiceClient::new(ch)
+                        .list_agents(pb::ListAgentsRequest { protocol: PROTOCOL })
+                        .await
+                        .map(|_| ())
+                        .map_err(|_| ()),
+                }
+            }
+        };
+        assert!(
+            call("fine").await.is_ok(),
+            "a sound certificate from the CA is accepted (control)"
+        );
+        for bad in ["expired", "future", "serveronly"] {
+            assert!(
+                call(bad).await.is_err(),
+                "{bad} certificate must be refused"
+            );
+        }
+    });
+}
