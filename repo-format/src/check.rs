@@ -200,6 +200,13 @@ pub fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
         }
     }
 
+    // A clean structure check lifts a rebuild's "degraded" marker.
+    if bad_blobs.is_empty() && r.problems.is_empty() {
+        let marker = repo.root().join(crate::rebuild::DEGRADED_MARKER);
+        if marker.exists() {
+            let _ = std::fs::remove_file(&marker);
+        }
+    }
     // Name every damaged blob with where it is used.
     if !bad_blobs.is_empty() {
         let users = find_users(repo, &rows, &bad_blobs)?;

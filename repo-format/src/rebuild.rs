@@ -18,6 +18,11 @@ use crate::snapshot;
 use crate::store::PackStore;
 use crate::store::dir::DirStore;
 
+/// File left in the repository by a rebuild: while it exists, a backup does
+/// not trust that a parent snapshot's chunks all still exist and checks each
+/// one it would reuse. A `check` that finds nothing missing removes it.
+pub const DEGRADED_MARKER: &str = "catalog.degraded";
+
 /// What a rebuild found.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct RebuildReport {
@@ -81,6 +86,14 @@ pub fn rebuild_catalog(root: &Path, passphrase: &[u8]) -> Result<(Repository, Re
             Err(e) => report.skipped.push(format!("snapshot {id}: {e}")),
         }
     }
+    // Blobs may have been lost with the old catalog: until a clean `check`
+    // says otherwise, backups verify that parent chunks still exist.
+    crate::fsutil::write_atomic(
+        &root.join(DEGRADED_MARKER),
+        serde_json::to_string_pretty(&report)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     let repo = Repository::from_parts(root, config, keys, store, cat, lock);
     Ok((repo, report))
 }

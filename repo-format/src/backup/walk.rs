@@ -60,6 +60,9 @@ pub(crate) fn resolve_roots(paths: &[PathBuf]) -> Result<Vec<(Vec<u8>, PathBuf)>
 pub(crate) struct Walker<'s, 'r> {
     shared: &'s Shared<'r>,
     excludes: &'s crate::glob::Excludes,
+    /// Check that a parent's chunks still exist before reusing them: only
+    /// after a catalog rebuild (the one way blobs vanish), see rebuild.rs.
+    verify_parent: bool,
     /// Path below the current root, `/`-separated (for exclude patterns).
     rel: Vec<u8>,
     reader: crate::catalog::Catalog,
@@ -99,6 +102,11 @@ impl<'s, 'r> Walker<'s, 'r> {
         Ok(Walker {
             shared,
             excludes,
+            verify_parent: shared
+                .repo
+                .root()
+                .join(crate::rebuild::DEGRADED_MARKER)
+                .exists(),
             rel: Vec::new(),
             reader: {
                 let r = crate::catalog::Catalog::open_reader(&shared.repo.catalog_path())?;
@@ -230,7 +238,7 @@ impl<'s, 'r> Walker<'s, 'r> {
         // Reuse the parent's chunks only if they are all still catalogued: a
         // pack lost since (and dropped by a rebuild) must be stored again.
         let old = match old.filter(|o| unchanged(o, &entry)) {
-            Some(o) if self.reader.all_present(&o.chunks)? => Some(o),
+            Some(o) if !self.verify_parent || self.reader.all_present(&o.chunks)? => Some(o),
             _ => None,
         };
         if let Some(old) = old {
