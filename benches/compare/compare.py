@@ -712,7 +712,8 @@ def timed_step(tool: Tool, step: str, cmd: list[str], cwd: Path | None,
     if ok and len(attempts) > 1:
         # Report the fastest attempt (the least disturbed); the state is the last one's,
         # which holds the same content.
-        best = min(attempts, key=lambda a: a["wall_s"])
+        clean = [a for a in attempts if a["others_cores"] <= args.contended]
+        best = min(clean or attempts, key=lambda a: a["wall_s"])
         res.update({k: best[k] for k in TIMING_KEYS})
         res["contended"] = best["others_cores"] > args.contended
         res["reported_attempt"] = attempts.index(best) + 1
