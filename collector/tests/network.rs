@@ -137,6 +137,18 @@ impl Collector {
             .expect("running hubvault-agent enroll")
     }
 
+    /// Packs in the collector's repository so far.
+    fn pack_count(&self) -> usize {
+        let packs = self.dir.path().join("data").join("repo").join("packs");
+        std::fs::read_dir(&packs)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     fn agents(&self) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.ok(&["agents", "--json"])).expect("agents json")
     }
@@ -600,17 +612,7 @@ fn collector_killed_mid_upload_then_resumed_without_resending() {
         .spawn()
         .expect("backup");
     // Kill -9 the collector as soon as its first pack is durable.
-    let packs = c.dir.path().join("data").join("repo").join("packs");
-    let count_packs = || {
-        std::fs::read_dir(&packs)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
-                    .sum::<usize>()
-            })
-            .unwrap_or(0)
-    };
-    wait_for("first pack at the collector", || count_packs() >= 1);
+    wait_for("first pack at the collector", || c.pack_count() >= 1);
     c.child.kill().expect("kill -9");
     let _ = c.child.wait();
     let first = up.wait_with_output().expect("backup ends");
@@ -1039,17 +1041,7 @@ fn agent_killed_mid_upload_resumes_without_resending() {
         .stderr(Stdio::null())
         .spawn()
         .expect("backup");
-    let packs = c.dir.path().join("data").join("repo").join("packs");
-    let count_packs = || {
-        std::fs::read_dir(&packs)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
-                    .sum::<usize>()
-            })
-            .unwrap_or(0)
-    };
-    wait_for("first pack at the collector", || count_packs() >= 1);
+    wait_for("first pack at the collector", || c.pack_count() >= 1);
     up.kill().expect("kill -9 the agent");
     let _ = up.wait();
     let snaps: Vec<serde_json::Value> =

@@ -226,9 +226,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             .ctx
             .blocking(move |c| {
                 let (snap_id, snap) = c.repo.find_snapshot(&r.snapshot)?;
-                let site = c.state.agent_site(&r.to_agent)?.ok_or_else(|| {
-                    ServiceError::NotFound(format!("agent {} (or it is revoked)", r.to_agent))
-                })?;
+                let site = require_agent(c, &r.to_agent)?;
                 // The target site receives the snapshot's blobs: it may read them
                 // (and later reference them), as if it had uploaded them.
                 grant_snapshot(c, &site, &snap.tree)?;
@@ -317,9 +315,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         };
         self.ctx
             .blocking(move |c| {
-                c.state.agent_site(&agent_id)?.ok_or_else(|| {
-                    ServiceError::NotFound(format!("agent {agent_id} (or it is revoked)"))
-                })?;
+                require_agent(c, &agent_id)?;
                 c.state.put_source(&agent_id, &source)
             })
             .await?;
@@ -337,9 +333,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let job_id = self
             .ctx
             .blocking(move |c| {
-                c.state.agent_site(&agent_id)?.ok_or_else(|| {
-                    ServiceError::NotFound(format!("agent {agent_id} (or it is revoked)"))
-                })?;
+                require_agent(c, &agent_id)?;
                 let sources = c.state.sources(&agent_id)?;
                 if sources.is_empty()
                     || (!source.is_empty() && !sources.iter().any(|s| s.name == source))
@@ -381,6 +375,13 @@ impl AdminSvc {
             .await;
         Ok(())
     }
+}
+
+/// The site of `agent_id`, or NOT_FOUND if it is unknown or revoked.
+fn require_agent(c: &Ctx, agent_id: &str) -> Result<String, ServiceError> {
+    c.state
+        .agent_site(agent_id)?
+        .ok_or_else(|| ServiceError::NotFound(format!("agent {agent_id} (or it is revoked)")))
 }
 
 /// Record every blob below `root` as held by `site` (in batches; memory
