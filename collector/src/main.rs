@@ -53,11 +53,7 @@ fn main() -> Result<()> {
             names,
             kdf_memory_kib,
         } => {
-            let mut kdf = KdfParams::default();
-            if let Some(m) = kdf_memory_kib {
-                kdf.m_cost_kib = m;
-                kdf.t_cost = 1;
-            }
+            let kdf = KdfParams::with_memory_kib(kdf_memory_kib);
             let r = collector::init::init(&data, &names, kdf)
                 .with_context(|| format!("initialising {}", data.display()))?;
             println!("collector data in {}", data.display());

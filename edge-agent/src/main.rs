@@ -82,11 +82,7 @@ fn main() -> Result<()> {
             state,
             kdf_memory_kib,
         } => {
-            let mut kdf = KdfParams::default();
-            if let Some(m) = kdf_memory_kib {
-                kdf.m_cost_kib = m;
-                kdf.t_cost = 1;
-            }
+            let kdf = KdfParams::with_memory_kib(kdf_memory_kib);
             let cfg = rt.block_on(edge_agent::enroll::enroll(&collector, &token, &state, kdf))?;
             println!("enrolled as {} at site {}", cfg.agent_id, cfg.site);
             Ok(())

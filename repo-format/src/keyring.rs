@@ -40,6 +40,21 @@ impl Default for KdfParams {
     }
 }
 
+impl KdfParams {
+    /// The defaults, or (for tests and benches only) `memory_kib` of memory
+    /// with a single pass: the binaries' hidden `--kdf-memory-kib` flag.
+    pub fn with_memory_kib(memory_kib: Option<u32>) -> Self {
+        match memory_kib {
+            None => KdfParams::default(),
+            Some(m) => KdfParams {
+                m_cost_kib: m,
+                t_cost: 1,
+                p_cost: 1,
+            },
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct KeyringFile {
     version: u32,

@@ -146,11 +146,7 @@ pub(crate) fn run(cmd: RepoCommand) -> Result<ExitCode> {
                 };
                 cfg.chunker = repo_format::config::ChunkerParams { min, avg, max };
             }
-            let mut kdf = KdfParams::default();
-            if let Some(m) = kdf_memory_kib {
-                kdf.m_cost_kib = m;
-                kdf.t_cost = 1;
-            }
+            let kdf = KdfParams::with_memory_kib(kdf_memory_kib);
             Repository::init(&repo.repo, &passphrase(&repo)?, kdf, cfg)
                 .with_context(|| format!("creating repository {}", repo.repo.display()))?;
             println!("created repository {}", repo.repo.display());
