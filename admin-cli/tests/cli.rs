@@ -472,3 +472,28 @@ fn unreadable_path_gives_a_partial_snapshot() {
         .collect();
     assert_eq!(names, vec!["src"]);
 }
+
+#[test]
+fn excluded_entries_are_left_out() {
+    let hv = Hv::init();
+    let src = hv.path("src");
+    std::fs::create_dir_all(src.join("build")).expect("mkdir");
+    std::fs::create_dir_all(src.join("keep")).expect("mkdir");
+    std::fs::write(src.join("a.txt"), b"a").expect("w");
+    std::fs::write(src.join("b.tmp"), b"b").expect("w");
+    std::fs::write(src.join("build").join("out.o"), b"o").expect("w");
+    std::fs::write(src.join("keep").join("c.tmp"), b"c").expect("w");
+    hv.run(
+        "backup",
+        &["--exclude", "*.tmp", "--exclude", "build", s(&src)],
+    )
+    .expect(0);
+    let target = hv.path("target");
+    hv.restore("latest", &target, None).expect(0);
+    let r = target.join("src");
+    assert!(r.join("a.txt").exists());
+    assert!(r.join("keep").is_dir());
+    for gone in ["b.tmp", "build", "keep/c.tmp"] {
+        assert!(!r.join(gone).exists(), "{gone} must be excluded");
+    }
+}

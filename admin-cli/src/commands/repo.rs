@@ -51,6 +51,9 @@ pub(crate) enum RepoCommand {
         /// Print the snapshot as JSON.
         #[arg(long)]
         json: bool,
+        /// Leave out entries matching this glob (repeatable; `*.tmp`, `build/*`, `**/cache`).
+        #[arg(long = "exclude")]
+        excludes: Vec<String>,
         /// Files and directories to back up.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -158,8 +161,9 @@ pub(crate) fn run(cmd: RepoCommand) -> Result<ExitCode> {
             parent,
             threads,
             json,
+            excludes,
             paths,
-        } => backup(&repo, no_parent, parent, threads, json, &paths),
+        } => backup(&repo, no_parent, parent, threads, json, excludes, &paths),
         RepoCommand::Snapshots { repo, json } => snapshots(&repo, json),
         RepoCommand::Ls {
             repo,
@@ -212,10 +216,14 @@ fn backup(
     parent: Option<String>,
     threads: Option<usize>,
     json: bool,
+    excludes: Vec<String>,
     paths: &[PathBuf],
 ) -> Result<ExitCode> {
     let repo = open(a, LockMode::Shared)?;
-    let mut opts = BackupOptions::default();
+    let mut opts = BackupOptions {
+        excludes,
+        ..Default::default()
+    };
     if no_parent {
         opts.parent = ParentChoice::None;
     } else if let Some(p) = parent {
