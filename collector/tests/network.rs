@@ -1211,3 +1211,81 @@ fn real_ca_certificates_with_flaws_are_refused() {
         }
     });
 }
+
+#[test]
+fn sigterm_mid_upload_shuts_down_cleanly_and_the_agent_resumes() {
+    use integration_tests::fixture;
+    let mut c = Collector::start();
+    c.ok(&["site", "add", "caen"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = enrolled(&c, "caen", tmp.path());
+    let src = tmp.path().join("src");
+    fixture::build(&src, &fixture::bulk_tree(24, 4 * 1024 * 1024, 21)).expect("fixture");
+    let up = Command::new(bin("hubvault-agent"))
+        .args(["backup", "--source", "docs", "--state"])
+        .arg(&state)
+        .arg(&src)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("backup");
+    wait_for("first pack at the collector", || c.pack_count() >= 1);
+    let st = Command::new("kill")
+        .args(["-TERM", &c.child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(st.success());
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(s) = c.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "collector did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
+    let _ = up.wait_with_output();
+
+    // Restart: the repository is consistent and nothing partial is visible.
+    let data = c.dir.path().join("data");
+    let port = c.url.rsplit(':').next().expect("port").to_string();
+    c.child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(&data)
+        .env("HUBVAULT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart");
+    let mut line = String::new();
+    BufReader::new(c.child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening");
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
+    assert!(
+        snaps.len() <= 1,
+        "at most the one snapshot, complete if present"
+    );
+    let again = agent_backup(&state, &src);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let check = Command::new(bin("hubvault"))
+        .args(["repo", "check", "--repo"])
+        .arg(data.join("repo"))
+        .arg("--passphrase-file")
+        .arg(data.join("repo.pass"))
+        .output()
+        .expect("check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
