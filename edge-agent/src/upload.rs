@@ -86,7 +86,37 @@ pub async fn upload_snapshot(
         ..Default::default()
     };
 
-    // Which of them does the site lack?
+    let (sent, bytes) = send_blobs(client, &repo, &acked, &pending).await?;
+    report.sent = sent;
+    report.bytes_sent = bytes;
+
+    let resp = client
+        .commit_snapshot(pb::CommitSnapshotRequest {
+            protocol: PROTOCOL,
+            idempotency_key: snap_id.0[..16].to_vec(),
+            source: source.to_string(),
+            root_tree: snap.tree.0.to_vec(),
+            paths: snap.paths.clone(),
+            hostname: snap.hostname.clone(),
+            stats_json: serde_json::to_string(&snap.stats)?,
+            issues_json: serde_json::to_string(&snap.issues)?,
+        })
+        .await
+        .context("committing the snapshot")?
+        .into_inner();
+    report.snapshot = Id::from_slice(&resp.snapshot_id);
+    Ok(report)
+}
+
+/// Ask which of `pending` the site lacks (recording the rest as acknowledged),
+/// stream those from the spool, and record each acknowledgement (durable at
+/// the collector). Returns (blobs sent, sealed bytes sent).
+pub async fn send_blobs(
+    client: &mut AgentServiceClient<Channel>,
+    repo: &Arc<Repository>,
+    acked: &Arc<Acked>,
+    pending: &[(BlobKind, Id)],
+) -> Result<(u64, u64)> {
     let mut lacking = Vec::new();
     for batch in pending.chunks(MAX_IDS_PER_REQUEST) {
         let ids = batch.iter().map(|(_, id)| id.0.to_vec()).collect();
@@ -111,74 +141,57 @@ pub async fn upload_snapshot(
         let a = acked.clone();
         tokio::task::spawn_blocking(move || a.insert(&held)).await??;
     }
-
-    if !lacking.is_empty() {
-        let (tx, rx) = mpsc::channel::<pb::UploadRequest>(8);
-        let reader_repo = repo.clone();
-        let to_send = lacking.clone();
-        // Read sealed blobs off the runtime and feed the stream (bounded).
-        let feeder = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let mut bytes = 0u64;
-            for (kind, id) in to_send {
-                let loc = reader_repo
-                    .catalog()?
-                    .lookup(&id)?
-                    .with_context(|| format!("blob {id} missing from the local spool"))?;
-                let mut sealed = vec![0u8; loc.length as usize];
-                reader_repo
-                    .store()
-                    .read_at(&loc.pack, loc.offset, &mut sealed)?;
-                bytes += sealed.len() as u64;
-                let msg = pb::UploadRequest {
-                    protocol: PROTOCOL,
-                    kind: kind as u32,
-                    id: id.0.to_vec(),
-                    sealed,
-                    raw_length: loc.raw_length,
-                };
-                if tx.blocking_send(msg).is_err() {
-                    break;
-                }
-            }
-            Ok(bytes)
-        });
-        let mut acks = client
-            .upload(ReceiverStream::new(rx))
-            .await
-            .context("opening the upload stream")?
-            .into_inner();
-        let mut confirmed = 0usize;
-        while let Some(ack) = acks.next().await {
-            let ack = ack.context("upload refused by the collector")?;
-            let ids: Vec<Id> = ack.ids.iter().filter_map(|b| Id::from_slice(b)).collect();
-            confirmed += ids.len();
-            let a = acked.clone();
-            tokio::task::spawn_blocking(move || a.insert(&ids)).await??;
-        }
-        report.bytes_sent = feeder.await??;
-        report.sent = lacking.len() as u64;
-        if confirmed < lacking.len() {
-            bail!(
-                "the collector acknowledged {confirmed} of {} blobs; run the backup again to resume",
-                lacking.len()
-            );
-        }
+    if lacking.is_empty() {
+        return Ok((0, 0));
     }
-
-    let resp = client
-        .commit_snapshot(pb::CommitSnapshotRequest {
-            protocol: PROTOCOL,
-            idempotency_key: snap_id.0[..16].to_vec(),
-            source: source.to_string(),
-            root_tree: snap.tree.0.to_vec(),
-            paths: snap.paths.clone(),
-            hostname: snap.hostname.clone(),
-            stats_json: serde_json::to_string(&snap.stats)?,
-            issues_json: serde_json::to_string(&snap.issues)?,
-        })
+    let (tx, rx) = mpsc::channel::<pb::UploadRequest>(8);
+    let reader_repo = repo.clone();
+    let to_send = lacking.clone();
+    // Read sealed blobs off the runtime and feed the stream (bounded).
+    let feeder = tokio::task::spawn_blocking(move || -> Result<u64> {
+        let mut bytes = 0u64;
+        for (kind, id) in to_send {
+            let loc = reader_repo
+                .catalog()?
+                .lookup(&id)?
+                .with_context(|| format!("blob {id} missing from the local spool"))?;
+            let mut sealed = vec![0u8; loc.length as usize];
+            reader_repo
+                .store()
+                .read_at(&loc.pack, loc.offset, &mut sealed)?;
+            bytes += sealed.len() as u64;
+            let msg = pb::UploadRequest {
+                protocol: PROTOCOL,
+                kind: kind as u32,
+                id: id.0.to_vec(),
+                sealed,
+                raw_length: loc.raw_length,
+            };
+            if tx.blocking_send(msg).is_err() {
+                break;
+            }
+        }
+        Ok(bytes)
+    });
+    let mut acks = client
+        .upload(ReceiverStream::new(rx))
         .await
-        .context("committing the snapshot")?
+        .context("opening the upload stream")?
         .into_inner();
-    report.snapshot = Id::from_slice(&resp.snapshot_id);
-    Ok(report)
+    let mut confirmed = 0usize;
+    while let Some(ack) = acks.next().await {
+        let ack = ack.context("upload refused by the collector")?;
+        let ids: Vec<Id> = ack.ids.iter().filter_map(|b| Id::from_slice(b)).collect();
+        confirmed += ids.len();
+        let a = acked.clone();
+        tokio::task::spawn_blocking(move || a.insert(&ids)).await??;
+    }
+    let bytes = feeder.await??;
+    if confirmed < lacking.len() {
+        bail!(
+            "the collector acknowledged {confirmed} of {} blobs; run the backup again to resume",
+            lacking.len()
+        );
+    }
+    Ok((lacking.len() as u64, bytes))
 }
