@@ -51,6 +51,43 @@ impl Drop for Collector {
     }
 }
 
+/// Spawn `hubvault-collector run` on `data`, listening on `listen`; returns
+/// the child and the address it printed.
+fn run_collector(data: &Path, listen: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+        .args(["run", "--listen", listen, "--data"])
+        .arg(data)
+        .env("HUBVAULT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("collector run");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("reading the listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    (child, addr)
+}
+
+/// The number printed `back` words before `word` in an agent's report line
+/// ("N files, M blobs new to this agent, K sent (B bytes) in S s upload ...").
+fn number_before<T: std::str::FromStr>(text: &str, word: &str, back: usize) -> T {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == word)
+        .unwrap_or_else(|| panic!("no {word:?} in {text}"));
+    words[at - back]
+        .trim_start_matches('(')
+        .parse()
+        .unwrap_or_else(|_| panic!("no number before {word:?} in {text}"))
+}
+
 impl Collector {
     fn start() -> Collector {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -65,28 +102,20 @@ impl Collector {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
-            .args(["run", "--listen", "127.0.0.1:0", "--data"])
-            .arg(&data)
-            .env("HUBVAULT_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("collector run");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("reading the listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect("listening line")
-            .to_string();
+        let (child, addr) = run_collector(&data, "127.0.0.1:0");
         Collector {
             child,
             url: format!("https://{addr}"),
             dir,
         }
+    }
+
+    /// Start the collector again on the same data directory and port (after
+    /// it was killed or stopped).
+    fn restart(&mut self) {
+        let port = self.url.rsplit(':').next().expect("port").to_string();
+        let (child, _) = run_collector(&self.dir.path().join("data"), &format!("127.0.0.1:{port}"));
+        self.child = child;
     }
 
     fn admin_dir(&self) -> PathBuf {
@@ -619,20 +648,7 @@ fn collector_killed_mid_upload_then_resumed_without_resending() {
     assert!(!first.status.success(), "the cut upload fails loudly");
 
     // Restart on the same data directory and port; nothing partial is visible.
-    let data = c.dir.path().join("data");
-    let port = c.url.rsplit(':').next().expect("port").to_string();
-    c.child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
-        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(&data)
-        .env("HUBVAULT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("restart");
-    let mut line = String::new();
-    BufReader::new(c.child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening");
+    c.restart();
     let snaps: Vec<serde_json::Value> =
         serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
     assert!(snaps.is_empty(), "no snapshot from the cut upload");
@@ -641,13 +657,8 @@ fn collector_killed_mid_upload_then_resumed_without_resending() {
     let err = String::from_utf8_lossy(&second.stderr).to_string();
     assert!(second.status.success(), "resumed backup: {err}");
     // "N files, M blobs new to this agent, K sent (B bytes)": fewer than all were sent again.
-    let words: Vec<&str> = err.split_whitespace().collect();
-    let sent: u64 = words[words.iter().position(|w| *w == "sent").expect("sent") - 1]
-        .parse()
-        .expect("n");
-    let candidates: u64 = words[words.iter().position(|w| *w == "blobs").expect("blobs") - 1]
-        .parse()
-        .expect("n");
+    let sent: u64 = number_before(&err, "sent", 1);
+    let candidates: u64 = number_before(&err, "blobs", 1);
     assert!(sent < candidates + 1 && sent > 0, "{err}");
     let acked_first = 24 * 4 - sent; // chunks are ~1 MiB: ~96 data blobs in all
     assert!(acked_first > 0, "acknowledged blobs were not resent: {err}");
@@ -881,14 +892,8 @@ fn backup_over_wan(mib: usize, rtt_ms: u64, rate: u64) -> (f64, u64, u64) {
     let snaps: Vec<serde_json::Value> =
         serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
     assert_eq!(snaps.len(), 1, "committed through the WAN");
-    let words: Vec<&str> = err.split_whitespace().collect();
-    let secs: f64 = words[words.iter().position(|w| *w == "upload").expect("upload") - 2]
-        .parse()
-        .expect("secs");
-    let bytes: u64 = words[words.iter().position(|w| *w == "bytes)").expect("bytes") - 1]
-        .trim_start_matches('(')
-        .parse()
-        .expect("bytes");
+    let secs: f64 = number_before(&err, "upload", 2);
+    let bytes: u64 = number_before(&err, "bytes)", 1);
     (secs, bytes, rate)
 }
 
@@ -1050,10 +1055,7 @@ fn agent_killed_mid_upload_resumes_without_resending() {
     let again = agent_backup(&state, &src);
     let err = String::from_utf8_lossy(&again.stderr).to_string();
     assert!(again.status.success(), "{err}");
-    let words: Vec<&str> = err.split_whitespace().collect();
-    let sent: u64 = words[words.iter().position(|w| *w == "sent").expect("sent") - 1]
-        .parse()
-        .expect("n");
+    let sent: u64 = number_before(&err, "sent", 1);
     assert!(
         sent < 24 * 4,
         "acknowledged blobs were not sent again: {err}"
@@ -1278,20 +1280,8 @@ fn sigterm_mid_upload_shuts_down_cleanly_and_the_agent_resumes() {
     let _ = up.wait_with_output();
 
     // Restart: the repository is consistent and nothing partial is visible.
+    c.restart();
     let data = c.dir.path().join("data");
-    let port = c.url.rsplit(':').next().expect("port").to_string();
-    c.child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
-        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(&data)
-        .env("HUBVAULT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("restart");
-    let mut line = String::new();
-    BufReader::new(c.child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening");
     let snaps: Vec<serde_json::Value> =
         serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
     assert!(
