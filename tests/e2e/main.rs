@@ -9,12 +9,15 @@
 //! - [`faults`]: a pack store that fails mid-backup leaves no snapshot, no
 //!   damage, and the next backup works.
 //! - [`rebuild`]: a lost catalog is rebuilt from packs and snapshot files.
+//! - [`incremental`]: listing only dirty directories gives exactly the
+//!   snapshot a full walk gives.
 //! - [`parent`]: a damaged parent snapshot neither leaks lost data into new
 //!   snapshots nor stops backups.
 
 mod concurrent;
 mod faults;
 mod hostile;
+mod incremental;
 mod parent;
 mod rebuild;
 mod roundtrip;

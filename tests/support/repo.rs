@@ -136,6 +136,7 @@ pub fn backup_options() -> BackupOptions {
         hostname: HOSTNAME.into(),
         progress: None,
         excludes: Vec::new(),
+        dirty: None,
     }
 }
 

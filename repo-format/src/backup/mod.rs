@@ -22,8 +22,11 @@
 //! made the last pack durable. A failure anywhere aborts before that point:
 //! whatever packs were written stay as unreferenced (harmless) data.
 
+mod dirty;
 mod stages;
 mod walk;
+
+pub use dirty::DirtySet;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -39,6 +42,12 @@ use crate::snapshot::{BackupIssue, Snapshot, SnapshotStats};
 
 /// Most issues recorded in a snapshot; the rest are counted.
 const MAX_ISSUES: usize = 1000;
+
+/// Files changed less than this before the parent backup started are read
+/// again (see `Shared::trust_before_ns`): file times come from the kernel's
+/// coarse clock, which lags the precise clock of `time_ns` by up to a tick
+/// (10 ms at HZ=100).
+pub const RACY_MARGIN_NS: i64 = 20_000_000;
 
 /// Which snapshot to compare against to skip unchanged files.
 #[derive(Debug, Clone, Default)]
@@ -78,6 +87,10 @@ pub struct BackupOptions {
     pub progress: Option<Arc<Progress>>,
     /// Entries to leave out (see [`crate::glob`]); excluded entries are not recorded.
     pub excludes: Vec<String>,
+    /// Incremental (continuous) backup: list only these directories and
+    /// their ancestors, take every other directory from the parent snapshot
+    /// unread (see [`DirtySet`]). `None`, or no parent snapshot: walk all.
+    pub dirty: Option<DirtySet>,
 }
 
 impl Default for BackupOptions {
@@ -88,6 +101,7 @@ impl Default for BackupOptions {
             hostname: hostname(),
             progress: None,
             excludes: Vec::new(),
+            dirty: None,
         }
     }
 }
@@ -124,6 +138,10 @@ pub(crate) struct Shared<'r> {
     pub(crate) new_blobs: AtomicU64,
     pub(crate) new_bytes: AtomicU64,
     pub(crate) new_bytes_stored: AtomicU64,
+    /// Files whose ctime is at or after this (ns) are read even when they
+    /// look unchanged: they may have been written again within the clock tick
+    /// of the parent's read ("racily clean", as git calls it).
+    pub(crate) trust_before_ns: i64,
 }
 
 impl<'r> Shared<'r> {
@@ -141,6 +159,7 @@ impl<'r> Shared<'r> {
             new_blobs: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
             new_bytes_stored: AtomicU64::new(0),
+            trust_before_ns: i64::MAX,
         }
     }
 
@@ -232,15 +251,42 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Res
         }
     };
     // A damaged or vanished parent only costs speed: back up without it.
-    let parent_tree = parent.and_then(|id| {
-        let (_, snap) = repo.find_snapshot(&id.to_hex()).ok()?;
-        repo.read_tree(&snap.tree).ok()
-    });
+    let (parent_tree, parent_snap) = parent
+        .and_then(|id| {
+            let (_, snap) = repo.find_snapshot(&id.to_hex()).ok()?;
+            Some((repo.read_tree(&snap.tree).ok()?, snap))
+        })
+        .unzip();
+    let incremental = opts.dirty.as_ref().filter(|_| parent_tree.is_some());
 
     let progress = opts.progress.clone().unwrap_or_default();
-    let shared = Shared::new(repo, progress);
+    let mut shared = Shared::new(repo, progress);
+    if let Some(p) = &parent_snap {
+        // The parent started at p.time_ns: a file changed within a coarse
+        // clock tick (or a small clock step) before that may have been
+        // written again after it was read with the same mtime and ctime.
+        shared.trust_before_ns = p.time_ns.saturating_sub(RACY_MARGIN_NS);
+    }
     let excludes = crate::glob::Excludes::new(&opts.excludes);
-    let (root, counts) = stages::run(&shared, roots, parent_tree, opts.threads.max(1), &excludes)?;
+    let (root, walked, replaced) = stages::run(
+        &shared,
+        roots,
+        parent_tree,
+        opts.threads.max(1),
+        &excludes,
+        incremental,
+    )?;
+    // Incremental: the parent's totals, with what was walked in place of
+    // what it replaced.
+    let counts = match (incremental, parent_snap.map(|s| s.stats)) {
+        (Some(_), Some(p)) => stages::Counts {
+            files: (p.files + walked.files).saturating_sub(replaced.files),
+            dirs: (p.dirs + walked.dirs).saturating_sub(replaced.dirs),
+            others: (p.others + walked.others).saturating_sub(replaced.others),
+            bytes: (p.bytes + walked.bytes).saturating_sub(replaced.bytes),
+        },
+        _ => walked,
+    };
 
     let stats = SnapshotStats {
         files: counts.files,

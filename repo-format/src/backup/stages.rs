@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::backup::Shared;
+use crate::backup::dirty::DirtySet;
 use crate::backup::walk::Walker;
 use crate::blob::{BlobKind, Sealer};
 use crate::catalog::Catalog;
@@ -56,7 +57,7 @@ pub(crate) enum BuildItem {
 }
 
 /// Totals of the snapshot's content, counted by the builder.
-#[derive(Default)]
+#[derive(Default, Debug, Clone, Copy)]
 pub(crate) struct Counts {
     pub(crate) files: u64,
     pub(crate) dirs: u64,
@@ -64,14 +65,30 @@ pub(crate) struct Counts {
     pub(crate) bytes: u64,
 }
 
-/// Run the whole pipeline; returns the root tree id and the content totals.
+impl Counts {
+    /// Count one entry (a directory counts as one, without its contents).
+    pub(crate) fn add(&mut self, e: &Entry) {
+        match e.kind {
+            EntryKind::File => {
+                self.files += 1;
+                self.bytes += e.size;
+            }
+            EntryKind::Dir => self.dirs += 1,
+            _ => self.others += 1,
+        }
+    }
+}
+
+/// Run the whole pipeline; returns the root tree id, the totals of what was
+/// walked and (incremental mode) the totals of the parent entries it replaced.
 pub(crate) fn run(
     shared: &Shared<'_>,
     roots: Vec<(Vec<u8>, PathBuf)>,
     parent_root: Option<Vec<Entry>>,
     threads: usize,
     excludes: &crate::glob::Excludes,
-) -> Result<(Id, Counts)> {
+    dirty: Option<&DirtySet>,
+) -> Result<(Id, Counts, Counts)> {
     let repo = shared.repo;
     // Fail early, before any thread starts, if the content key is absent.
     repo.keys().content()?;
@@ -83,7 +100,7 @@ pub(crate) fn run(
     let (pack_tx, pack_rx) = bounded::<Vec<SealedBlob>>(threads * 4);
     let (build_tx, build_rx) = bounded::<BuildItem>(4096);
 
-    let result = std::thread::scope(|s| -> Result<(Id, Counts)> {
+    let result = std::thread::scope(|s| -> Result<(Id, Counts, Counts)> {
         let spawn_err =
             |e: std::io::Error| Error::Pipeline(format!("starting a backup thread: {e}"));
         let named = |n: String| std::thread::Builder::new().name(n);
@@ -121,18 +138,22 @@ pub(crate) fn run(
             .map_err(spawn_err)?;
         drop(pack_tx);
 
-        let walk = Walker::new(shared, file_tx, build_tx, excludes)
+        let walk = Walker::new(shared, file_tx, build_tx, excludes, dirty)
             .and_then(|w| w.run(roots, parent_root));
-        if let Err(e) = walk {
-            shared.fail(e);
-        }
+        let replaced = match walk {
+            Ok(r) => r,
+            Err(e) => {
+                shared.fail(e);
+                Counts::default()
+            }
+        };
         let root = builder
             .join()
             .map_err(|_| Error::Pipeline("tree builder panicked".into()))?;
         packer
             .join()
             .map_err(|_| Error::Pipeline("packer panicked".into()))?;
-        root
+        root.map(|(id, walked)| (id, walked, replaced))
     });
     // A recorded fatal error wins over the secondary errors it caused.
     if let Some(e) = shared.fatal.lock().ok().and_then(|mut f| f.take()) {
@@ -461,14 +482,6 @@ fn tree_builder(
     // The root is a directory without an entry of its own.
     let mut stack: Vec<(Option<Entry>, Vec<Entry>)> = vec![(None, Vec::new())];
     let mut root = None;
-    let count = |counts: &mut Counts, e: &Entry| match e.kind {
-        EntryKind::File => {
-            counts.files += 1;
-            counts.bytes += e.size;
-        }
-        EntryKind::Dir => counts.dirs += 1,
-        _ => counts.others += 1,
-    };
     for item in rx {
         if shared.aborted() {
             return Err(Error::Pipeline("backup aborted".into()));
@@ -479,13 +492,13 @@ fn tree_builder(
         match item {
             BuildItem::Start(e) => stack.push((Some(e), Vec::new())),
             BuildItem::Ready(e) => {
-                count(&mut counts, &e);
+                counts.add(&e);
                 top.1.push(e);
             }
             BuildItem::Pending(reply) => match reply.recv() {
                 Ok(done) => {
                     for e in done.into_iter().flatten() {
-                        count(&mut counts, &e);
+                        counts.add(&e);
                         top.1.push(e);
                     }
                 }
@@ -511,7 +524,7 @@ fn tree_builder(
                 match dir {
                     Some(mut d) => {
                         d.subtree = Some(id);
-                        count(&mut counts, &d);
+                        counts.add(&d);
                         stack
                             .last_mut()
                             .ok_or_else(|| Error::Pipeline("unbalanced tree end".into()))?

@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::{Sender, bounded};
 
 use crate::backup::Shared;
-use crate::backup::stages::{BuildItem, FileJob};
+use crate::backup::dirty::DirtySet;
+use crate::backup::stages::{BuildItem, Counts, FileJob};
 use crate::error::{Error, Result};
 use crate::meta::{self, NameCache};
 use crate::tree::{Entry, EntryKind, valid_name};
@@ -72,6 +73,12 @@ pub(crate) struct Walker<'s, 'r> {
     /// Small files waiting to go to a file worker as one job.
     batch: Vec<(PathBuf, Entry)>,
     batch_bytes: u64,
+    /// Incremental mode: list only these directories (and new ones); take
+    /// every other directory from the parent snapshot as it was.
+    dirty: Option<&'s DirtySet>,
+    /// Incremental mode: totals of the parent's entries replaced by what was
+    /// walked (the snapshot's totals are the parent's + walked − these).
+    replaced: Counts,
 }
 
 /// A batch is sent when it holds this many files...
@@ -98,15 +105,17 @@ impl<'s, 'r> Walker<'s, 'r> {
         files: Sender<FileJob>,
         build: Sender<BuildItem>,
         excludes: &'s crate::glob::Excludes,
+        dirty: Option<&'s DirtySet>,
     ) -> Result<Self> {
+        let verify_parent = shared
+            .repo
+            .root()
+            .join(crate::rebuild::DEGRADED_MARKER)
+            .exists();
         Ok(Walker {
             shared,
             excludes,
-            verify_parent: shared
-                .repo
-                .root()
-                .join(crate::rebuild::DEGRADED_MARKER)
-                .exists(),
+            verify_parent,
             rel: Vec::new(),
             reader: {
                 let r = crate::catalog::Catalog::open_reader(&shared.repo.catalog_path())?;
@@ -118,6 +127,9 @@ impl<'s, 'r> Walker<'s, 'r> {
             names: NameCache::default(),
             batch: Vec::new(),
             batch_bytes: 0,
+            // After a catalog rebuild every parent chunk is checked: walk all.
+            dirty: dirty.filter(|_| !verify_parent),
+            replaced: Counts::default(),
         })
     }
 
@@ -145,47 +157,85 @@ impl<'s, 'r> Walker<'s, 'r> {
             .map_err(|_| Error::Pipeline("tree builder stopped".into()))
     }
 
-    /// Walk every root; the root tree's end is emitted last.
+    /// Walk every root; the root tree's end is emitted last. Returns the
+    /// totals of the parent entries replaced (incremental mode only).
     pub(crate) fn run(
         mut self,
         roots: Vec<(Vec<u8>, PathBuf)>,
         parent_root: Option<Vec<Entry>>,
-    ) -> Result<()> {
+    ) -> Result<Counts> {
+        if parent_root.is_none() {
+            // Nothing to take over: the totals are all walked.
+            self.dirty = None;
+        }
         self.entries(roots, parent_root.as_deref())?;
-        self.emit(BuildItem::End)
+        self.emit(BuildItem::End)?;
+        Ok(self.replaced)
+    }
+
+    /// Incremental mode: count the parent's entries of one listed directory
+    /// as replaced; a parent directory whose contents were neither walked
+    /// against it nor taken over is counted whole (it vanished or changed kind).
+    fn replace_old(&mut self, parent: Option<&[Entry]>, accounted: &[Vec<u8>]) {
+        let Some(old) = parent.filter(|_| self.dirty.is_some()) else {
+            return;
+        };
+        for e in old {
+            self.replaced.add(e);
+            if e.kind == EntryKind::Dir
+                && let Some(t) = e.subtree
+                && accounted.binary_search(&e.name).is_err()
+            {
+                self.count_old_subtree(t);
+            }
+        }
+    }
+
+    /// Add everything below parent tree `root` to the replaced totals.
+    fn count_old_subtree(&mut self, root: crate::id::Id) {
+        let mut stack = vec![root];
+        while let Some(t) = stack.pop() {
+            // A damaged parent tree only makes the totals approximate.
+            let Ok(entries) = self.shared.repo.read_tree(&t) else {
+                continue;
+            };
+            for e in entries {
+                self.replaced.add(&e);
+                if let Some(s) = e.subtree.filter(|_| e.kind == EntryKind::Dir) {
+                    stack.push(s);
+                }
+            }
+        }
     }
 
     /// Emit one item per (name, path), in the given (sorted) order.
     fn entries(&mut self, list: Vec<(Vec<u8>, PathBuf)>, parent: Option<&[Entry]>) -> Result<()> {
-        self.entries_at(list, parent, false)
-    }
-
-    fn entries_at(
-        &mut self,
-        list: Vec<(Vec<u8>, PathBuf)>,
-        parent: Option<&[Entry]>,
-        is_root: bool,
-    ) -> Result<()> {
+        // Names (in order) of parent directories whose contents were walked
+        // against the parent or taken over (incremental totals).
+        let mut accounted = Vec::new();
         for (name, path) in list {
             let rel_len = self.rel.len();
-            if !is_root {
-                if !self.rel.is_empty() {
-                    self.rel.push(b'/');
-                }
-                self.rel.extend_from_slice(&name);
-                if !self.excludes.is_empty() && self.excludes.excluded(&name, &self.rel) {
-                    self.rel.truncate(rel_len);
-                    continue;
-                }
+            if !self.rel.is_empty() {
+                self.rel.push(b'/');
             }
-            let r = self.entry(name, path, parent);
+            self.rel.extend_from_slice(&name);
+            if !self.excludes.is_empty() && self.excludes.excluded(&name, &self.rel) {
+                self.rel.truncate(rel_len);
+                continue;
+            }
+            let r = self.entry(name.clone(), path, parent);
             self.rel.truncate(rel_len);
-            r?;
+            if r? {
+                accounted.push(name);
+            }
         }
+        self.replace_old(parent, &accounted);
         Ok(())
     }
 
-    fn entry(&mut self, name: Vec<u8>, path: PathBuf, parent: Option<&[Entry]>) -> Result<()> {
+    /// Walk one entry; true when it was a directory whose parent contents
+    /// were accounted for (walked against them or taken over).
+    fn entry(&mut self, name: Vec<u8>, path: PathBuf, parent: Option<&[Entry]>) -> Result<bool> {
         {
             if self.shared.aborted() {
                 return Err(Error::Pipeline("backup aborted".into()));
@@ -195,7 +245,7 @@ impl<'s, 'r> Walker<'s, 'r> {
                 Ok(m) => m,
                 Err(e) => {
                     self.shared.issue(&path, format!("cannot stat: {e}"));
-                    return Ok(());
+                    return Ok(false);
                 }
             };
             let mut entry = meta::entry_from_metadata(name, &md);
@@ -207,13 +257,13 @@ impl<'s, 'r> Walker<'s, 'r> {
             });
             match entry.kind {
                 EntryKind::File => self.file(path, entry, old)?,
-                EntryKind::Dir => self.dir(path, entry, old)?,
+                EntryKind::Dir => return self.dir(path, entry, old),
                 EntryKind::Symlink => {
                     match std::fs::read_link(&path) {
                         Ok(t) => entry.target = t.as_os_str().as_bytes().to_vec(),
                         Err(e) => {
                             self.shared.issue(&path, format!("cannot read link: {e}"));
-                            return Ok(());
+                            return Ok(false);
                         }
                     }
                     self.emit(BuildItem::Ready(entry))?;
@@ -224,7 +274,7 @@ impl<'s, 'r> Walker<'s, 'r> {
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     fn xattrs(&self, path: &Path, entry: &mut Entry) {
@@ -237,7 +287,8 @@ impl<'s, 'r> Walker<'s, 'r> {
     fn file(&mut self, path: PathBuf, mut entry: Entry, old: Option<&Entry>) -> Result<()> {
         // Reuse the parent's chunks only if they are all still catalogued: a
         // pack lost since (and dropped by a rebuild) must be stored again.
-        let old = match old.filter(|o| unchanged(o, &entry)) {
+        let trust = self.shared.trust_before_ns;
+        let old = match old.filter(|o| unchanged(o, &entry) && o.ctime_ns < trust) {
             Some(o) if !self.verify_parent || self.reader.all_present(&o.chunks)? => Some(o),
             _ => None,
         };
@@ -264,12 +315,21 @@ impl<'s, 'r> Walker<'s, 'r> {
         Ok(())
     }
 
-    fn dir(&mut self, path: PathBuf, mut entry: Entry, old: Option<&Entry>) -> Result<()> {
+    fn dir(&mut self, path: PathBuf, mut entry: Entry, old: Option<&Entry>) -> Result<bool> {
         self.xattrs(&path, &mut entry);
-        let old_tree = match old
+        let old_subtree = old
             .filter(|o| o.kind == EntryKind::Dir)
-            .and_then(|o| o.subtree)
+            .and_then(|o| o.subtree);
+        if let (Some(dirty), Some(id)) = (self.dirty, old_subtree)
+            && !dirty.needs_listing(&path)
         {
+            // Nothing below changed: take the parent's tree as it was, with
+            // this directory's own metadata as it is now.
+            entry.subtree = Some(id);
+            self.emit(BuildItem::Ready(entry))?;
+            return Ok(true);
+        }
+        let old_tree = match old_subtree {
             // A damaged parent only costs speed: read everything below.
             Some(id) => self.shared.repo.read_tree(&id).ok(),
             None => None,
@@ -295,7 +355,9 @@ impl<'s, 'r> Walker<'s, 'r> {
         }
         list.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         self.emit(BuildItem::Start(entry))?;
+        let walked_against_parent = old_tree.is_some();
         self.entries(list, old_tree.as_deref())?;
-        self.emit(BuildItem::End)
+        self.emit(BuildItem::End)?;
+        Ok(walked_against_parent)
     }
 }
