@@ -141,7 +141,7 @@ fn apply(root: &Path, op: &Op, seq: usize) -> Vec<PathBuf> {
         Op::ChmodDir { dir } => {
             use std::os::unix::fs::PermissionsExt;
             let p = dirs[dir % dirs.len()].clone();
-            let mode = if seq % 2 == 0 { 0o750 } else { 0o755 };
+            let mode = if seq.is_multiple_of(2) { 0o750 } else { 0o755 };
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
             vec![p]
         }
