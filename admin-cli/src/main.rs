@@ -3,7 +3,8 @@
 //! Two families: the offline repository commands (`hubvault repo …`), which
 //! work on a repository directory directly through `repo-format`, and the
 //! collector-facing commands (`site`, `enroll-token`, `agents`, `status`,
-//! `agent revoke`), which speak gRPC over mTLS with the admin identity.
+//! `agent revoke`, `source add`, `policy set`, `prune`, `snapshots`,
+//! `restore`, `jobs`), which speak gRPC over mTLS with the admin identity.
 
 mod commands;
 mod output;
@@ -47,7 +48,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A row per site: agents, online, last snapshot.
+    /// A row per site: agents, online, last snapshot; then per source its
+    /// recovery point (oldest change not yet committed, bytes pending).
     Status {
         #[arg(long)]
         json: bool,
@@ -58,6 +60,26 @@ enum Command {
     /// Manage the sources (named sets of paths and their policy) of agents.
     #[command(subcommand)]
     Source(commands::remote::SourceCommand),
+    /// Set the policy of a site or of a source.
+    #[command(subcommand)]
+    Policy(commands::remote::PolicyCommand),
+    /// Apply retention: forget the snapshots no rule keeps (packs stay until a GC).
+    Prune {
+        /// Only this site's snapshots.
+        #[arg(long)]
+        site: Option<String>,
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this source's.
+        #[arg(long)]
+        source: Option<String>,
+        /// List what would be forgotten; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask an agent to back up now; prints the job id.
     BackupNow {
         /// The agent.
@@ -147,6 +169,14 @@ fn main() -> ExitCode {
         Command::Status { json } => commands::remote::status(&cli.remote, json),
         Command::Agent(c) => commands::remote::agent(&cli.remote, c),
         Command::Source(c) => commands::remote::source(&cli.remote, c),
+        Command::Policy(c) => commands::remote::policy(&cli.remote, c),
+        Command::Prune {
+            site,
+            agent,
+            source,
+            dry_run,
+            json,
+        } => commands::remote::prune(&cli.remote, site, agent, source, dry_run, json),
         Command::BackupNow { agent, source } => {
             commands::remote::backup_now(&cli.remote, &agent, source)
         }

@@ -1,4 +1,4 @@
-//! Formatting helpers shared by the commands: sizes, times, progress.
+//! Formatting helpers shared by the commands: sizes, ages, times, progress.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -20,6 +20,16 @@ pub(crate) fn size(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", U[i])
+    }
+}
+
+/// A short age: "45s", "12m", "2h 5m", "3d 4h".
+pub(crate) fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86_400 => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d {}h", secs / 86_400, secs % 86_400 / 3600),
     }
 }
 
@@ -95,6 +105,9 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(super::size(1536), "1.5 KiB");
+        assert_eq!(super::age(45), "45s");
+        assert_eq!(super::age(7500), "2h 5m");
+        assert_eq!(super::age(3 * 86_400 + 4 * 3600 + 5), "3d 4h");
         assert_eq!(super::time(0), "1970-01-01 00:00:00");
         assert_eq!(
             super::time(1_795_318_662_000_000_000),

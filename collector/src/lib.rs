@@ -8,7 +8,9 @@
 //! Layout: [`pki`] (embedded CA), [`tls`] (rustls config with a swappable
 //! CRL-checking verifier), [`auth`] (caller identity and revocation on every
 //! call), [`state`] (SQLite: sites, agents, tokens, revocations), [`server`]
-//! (accept loop, TLS handshakes, tonic), [`error`] (one mapping to `Status`).
+//! (accept loop, TLS handshakes, tonic), [`error`] (one mapping to `Status`),
+//! [`policy`] (source and site policies: storage form, validation) and
+//! [`retention`] (which snapshots `prune` keeps, pure).
 //!
 //! Data directory:
 //! ```text
@@ -25,6 +27,8 @@ pub mod error;
 pub mod ingest;
 pub mod init;
 pub mod pki;
+pub mod policy;
+pub mod retention;
 pub mod server;
 pub mod service;
 pub mod state;

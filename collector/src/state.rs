@@ -1,6 +1,8 @@
-//! The collector's own state (SQLite, WAL, synchronous=FULL): sites,
-//! agents, enrollment tokens, revoked serials and counters. Separate from the
-//! repository catalog, which stays the pure index `repo-format` defines.
+//! The collector's own state (SQLite, WAL, synchronous=FULL): sites and
+//! their policies, agents, sources and their policies, enrollment tokens,
+//! revoked serials, counters, jobs, events and the agents' latest
+//! recovery-point reports. Separate from the repository catalog, which stays
+//! the pure index `repo-format` defines.
 //!
 //! One connection behind a mutex; callers use it from `spawn_blocking`.
 
@@ -10,6 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error::ServiceError;
+use crate::policy::{Retention, SitePolicy, SourcePolicy};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sites (
@@ -59,6 +62,7 @@ CREATE TABLE IF NOT EXISTS commits (
     time_ns  INTEGER NOT NULL,
     PRIMARY KEY (agent_id, key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS commits_by_snapshot ON commits(snapshot);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id     INTEGER PRIMARY KEY,
     kind       TEXT NOT NULL,
@@ -86,6 +90,17 @@ CREATE TABLE IF NOT EXISTS events (
     kind    TEXT NOT NULL,
     detail  TEXT NOT NULL
 );
+-- The latest recovery-point report of each (agent, source), from heartbeats.
+CREATE TABLE IF NOT EXISTS source_lag (
+    agent_id               TEXT NOT NULL,
+    source                 TEXT NOT NULL,
+    oldest_change_age_secs INTEGER NOT NULL,
+    pending_bytes          INTEGER NOT NULL,
+    note                   TEXT NOT NULL,
+    last_commit_ns         INTEGER NOT NULL,
+    reported_ns            INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, source)
+) WITHOUT ROWID;
 INSERT OR IGNORE INTO counters(name, value) VALUES ('serial', 1000), ('crl', 0);
 ";
 
@@ -144,6 +159,10 @@ impl State {
             )));
         }
         conn.execute_batch(SCHEMA)?;
+        // Columns added after the first release: a database from before
+        // them opens and reads them as empty policies ("{}" = all defaults).
+        add_column(&conn, "sources", "policy", "TEXT NOT NULL DEFAULT '{}'")?;
+        add_column(&conn, "sites", "policy", "TEXT NOT NULL DEFAULT '{}'")?;
         Ok(State {
             conn: Mutex::new(conn),
         })
@@ -460,6 +479,16 @@ impl State {
     /// Record an integrity or security event.
     pub fn event(&self, kind: &str, detail: &str) -> Result<(), ServiceError> {
         tracing::warn!(kind, "{detail}");
+        self.record_event(kind, detail)
+    }
+
+    /// Record an event of routine administration (a prune): logged at info.
+    pub fn admin_event(&self, kind: &str, detail: &str) -> Result<(), ServiceError> {
+        tracing::info!(kind, "{detail}");
+        self.record_event(kind, detail)
+    }
+
+    fn record_event(&self, kind: &str, detail: &str) -> Result<(), ServiceError> {
         self.conn()?.execute(
             "INSERT INTO events(time_ns, kind, detail) VALUES (?1, ?2, ?3)",
             params![now_ns(), kind, detail],
@@ -553,32 +582,207 @@ impl State {
             serde_json::to_string(&s.paths).map_err(|e| ServiceError::Internal(e.to_string()))?;
         let excludes = serde_json::to_string(&s.excludes)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let policy = serde_json::to_string(&SourcePolicy::of(s))
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         self.conn()?.execute(
-            "INSERT OR REPLACE INTO sources(agent_id, name, paths, excludes, schedule, realtime) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![agent_id, s.name, paths, excludes, s.schedule, s.realtime],
+            "INSERT OR REPLACE INTO sources(agent_id, name, paths, excludes, schedule, realtime, policy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![agent_id, s.name, paths, excludes, s.schedule, s.realtime, policy],
         )?;
         Ok(())
     }
 
-    /// The sources of an agent.
+    /// The sources of an agent, each with its own policy (its retention
+    /// empty when it has none: see [`State::agent_sources`] for what agents get).
     pub fn sources(&self, agent_id: &str) -> Result<Vec<proto::pb::Source>, ServiceError> {
         let c = self.conn()?;
         let mut st = c.prepare(
-            "SELECT name, paths, excludes, schedule, realtime FROM sources WHERE agent_id = ?1 ORDER BY name",
+            "SELECT name, paths, excludes, schedule, realtime, policy FROM sources WHERE agent_id = ?1 ORDER BY name",
         )?;
         let rows = st.query_map([agent_id], |r| {
             let paths: String = r.get(1)?;
             let excludes: String = r.get(2)?;
-            Ok(proto::pb::Source {
+            let policy: String = r.get(5)?;
+            let mut s = proto::pb::Source {
                 name: r.get(0)?,
                 paths: serde_json::from_str(&paths).unwrap_or_default(),
                 excludes: serde_json::from_str(&excludes).unwrap_or_default(),
                 schedule: r.get(3)?,
                 realtime: r.get(4)?,
+                ..Default::default()
+            };
+            serde_json::from_str::<SourcePolicy>(&policy)
+                .unwrap_or_default()
+                .apply(&mut s);
+            Ok(s)
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// What `agent_id` is sent: its sources with their effective retention
+    /// (their own, else the site's default) and its site's agent policy
+    /// (time zone, per-agent bandwidth).
+    pub fn agent_sources(&self, agent_id: &str) -> Result<proto::pb::Sources, ServiceError> {
+        let site = match self.agent_site(agent_id)? {
+            Some(site) => self.site_policy(&site)?,
+            None => SitePolicy::default(),
+        };
+        let mut sources = self.sources(agent_id)?;
+        for s in &mut sources {
+            let own = s
+                .retention
+                .as_ref()
+                .map(Retention::from)
+                .unwrap_or_default();
+            if own.is_empty() {
+                s.retention = Some(site.retention.into());
+            }
+        }
+        Ok(proto::pb::Sources {
+            sources,
+            agent: Some(site.agent_policy()),
+        })
+    }
+
+    /// The policy of `site` (defaults when it has none; NOT_FOUND when the
+    /// site does not exist).
+    pub fn site_policy(&self, site: &str) -> Result<SitePolicy, ServiceError> {
+        let json: Option<String> = self
+            .conn()?
+            .query_row("SELECT policy FROM sites WHERE name = ?1", [site], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let json = json.ok_or_else(|| ServiceError::NotFound(format!("site {site}")))?;
+        Ok(serde_json::from_str(&json).unwrap_or_default())
+    }
+
+    /// Replace the policy of `site`.
+    pub fn set_site_policy(&self, site: &str, p: &SitePolicy) -> Result<(), ServiceError> {
+        let json = serde_json::to_string(p).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let n = self.conn()?.execute(
+            "UPDATE sites SET policy = ?1 WHERE name = ?2",
+            params![json, site],
+        )?;
+        if n == 0 {
+            return Err(ServiceError::NotFound(format!(
+                "site {site} (add it with `hubvault site add`)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Most lag entries accepted from one heartbeat (agents are untrusted).
+pub const MAX_LAG_ENTRIES: usize = 100;
+/// Longest source name kept from a heartbeat, in characters.
+pub const MAX_LAG_SOURCE_CHARS: usize = 128;
+/// Longest note kept from a heartbeat, in characters.
+pub const MAX_LAG_NOTE_CHARS: usize = 1024;
+
+/// The latest recovery-point report of one (agent, source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LagRow {
+    /// The agent.
+    pub agent_id: String,
+    /// The source.
+    pub source: String,
+    /// Age of the oldest change not yet committed, seconds (0 = none).
+    pub oldest_change_age_secs: u64,
+    /// Bytes waiting to be sent.
+    pub pending_bytes: u64,
+    /// What central IT must act on; empty = all well.
+    pub note: String,
+    /// The agent's idea of the source's last commit, ns since the epoch.
+    pub last_commit_ns: i64,
+    /// When the collector received the report, ns since the epoch.
+    pub reported_ns: i64,
+}
+
+impl State {
+    /// Record the lag entries of a heartbeat of `agent_id`: they replace
+    /// its previous ones. At most [`MAX_LAG_ENTRIES`] are taken, names and
+    /// notes are cut to their limits, entries without a source name dropped.
+    pub fn record_lag(
+        &self,
+        agent_id: &str,
+        lag: &[proto::pb::SourceLag],
+    ) -> Result<(), ServiceError> {
+        let now = now_ns();
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM source_lag WHERE agent_id = ?1", [agent_id])?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO source_lag(agent_id, source, oldest_change_age_secs,
+                 pending_bytes, note, last_commit_ns, reported_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for l in lag.iter().take(MAX_LAG_ENTRIES) {
+                let source: String = l.source.chars().take(MAX_LAG_SOURCE_CHARS).collect();
+                if source.is_empty() {
+                    continue;
+                }
+                let note: String = l.note.chars().take(MAX_LAG_NOTE_CHARS).collect();
+                st.execute(params![
+                    agent_id,
+                    source,
+                    clamp(l.oldest_change_age_secs),
+                    clamp(l.pending_bytes),
+                    note,
+                    l.last_commit_ns.max(0),
+                    now
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every recorded lag report, by agent and source.
+    pub fn lags(&self) -> Result<Vec<LagRow>, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(
+            "SELECT agent_id, source, oldest_change_age_secs, pending_bytes, note, last_commit_ns, reported_ns
+             FROM source_lag ORDER BY agent_id, source",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(LagRow {
+                agent_id: r.get(0)?,
+                source: r.get(1)?,
+                oldest_change_age_secs: r.get::<_, i64>(2)?.max(0) as u64,
+                pending_bytes: r.get::<_, i64>(3)?.max(0) as u64,
+                note: r.get(4)?,
+                last_commit_ns: r.get(5)?,
+                reported_ns: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    /// Forget the collector's own rows about snapshot `id` (the idempotency
+    /// records of the commit that made it), once the repository forgot it.
+    pub fn forget_snapshot(&self, id: &[u8]) -> Result<(), ServiceError> {
+        self.conn()?
+            .execute("DELETE FROM commits WHERE snapshot = ?1", [id])?;
+        Ok(())
+    }
+}
+
+/// Add `column` to `table` unless it is there already.
+fn add_column(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    decl: &str,
+) -> Result<(), ServiceError> {
+    let present = conn
+        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists(params![table, column])?;
+    if !present {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
 }
 
 fn next_counter(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<u64, ServiceError> {
@@ -590,4 +794,149 @@ fn next_counter(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<u64, Servi
         r.get(0)
     })?;
     Ok(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::pb;
+
+    fn state_with_agent(dir: &Path) -> (State, String) {
+        let st = State::open(&dir.join("state.db")).expect("open");
+        st.add_site("paris").expect("site");
+        st.add_token(&[1; 16], "paris", now_ns() + 1_000_000_000_000, b"w")
+            .expect("token");
+        let (_, agent, _) = st.enroll(&[1; 16], "host").expect("enroll");
+        (st, agent)
+    }
+
+    #[test]
+    fn heartbeat_lag_is_recorded_capped_and_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (st, agent) = state_with_agent(dir.path());
+        let lag = |source: &str, age: u64, note: &str| pb::SourceLag {
+            source: source.into(),
+            oldest_change_age_secs: age,
+            pending_bytes: u64::MAX,
+            note: note.into(),
+            last_commit_ns: 42,
+        };
+        st.record_lag(
+            &agent,
+            &[
+                lag("docs", 7, ""),
+                lag("", 1, ""),
+                lag("mail", 0, &"x".repeat(5000)),
+            ],
+        )
+        .expect("record");
+        let rows = st.lags().expect("lags");
+        assert_eq!(rows.len(), 2, "the nameless entry is dropped");
+        assert_eq!(rows[0].source, "docs");
+        assert_eq!(rows[0].oldest_change_age_secs, 7);
+        assert_eq!(
+            rows[0].pending_bytes,
+            i64::MAX as u64,
+            "clamped, not wrapped"
+        );
+        assert_eq!(rows[0].last_commit_ns, 42);
+        assert!(rows[0].reported_ns > 0);
+        assert_eq!(rows[1].note.chars().count(), MAX_LAG_NOTE_CHARS);
+
+        // The next heartbeat replaces the agent's lines; at most 100 are taken.
+        let many: Vec<_> = (0..500).map(|i| lag(&format!("s{i:03}"), i, "")).collect();
+        st.record_lag(&agent, &many).expect("record");
+        let rows = st.lags().expect("lags");
+        assert_eq!(rows.len(), MAX_LAG_ENTRIES);
+        assert!(rows.iter().all(|r| r.source != "docs"));
+    }
+
+    #[test]
+    fn an_older_database_opens_and_sources_get_effective_policies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            // The tables as the first release created them, with a source row.
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(
+                "CREATE TABLE sites (name TEXT PRIMARY KEY, created_ns INTEGER NOT NULL);
+                 CREATE TABLE sources (agent_id TEXT NOT NULL, name TEXT NOT NULL, paths TEXT NOT NULL,
+                     excludes TEXT NOT NULL, schedule TEXT NOT NULL, realtime INTEGER NOT NULL,
+                     PRIMARY KEY (agent_id, name));
+                 INSERT INTO sites VALUES ('paris', 1);
+                 INSERT INTO sources VALUES ('paris-1001', 'docs', '[\"/srv\"]', '[]', '', 1);",
+            )
+            .expect("old schema");
+        }
+        let st = State::open(&path).expect("migrates");
+        let old = st.sources("paris-1001").expect("sources");
+        assert_eq!(old.len(), 1);
+        assert!(old[0].realtime);
+        assert_eq!(old[0].paths, vec!["/srv".to_string()]);
+        assert_eq!(old[0].priority, 0);
+        drop(st);
+        // Opening again does not add the columns twice.
+        let st = State::open(&path).expect("reopens");
+        assert_eq!(
+            st.site_policy("paris").expect("policy"),
+            SitePolicy::default()
+        );
+        assert!(matches!(
+            st.site_policy("nowhere"),
+            Err(ServiceError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn sources_carry_their_own_or_the_sites_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (st, agent) = state_with_agent(dir.path());
+        let site = SitePolicy {
+            timezone: "Europe/Paris".into(),
+            agent_bandwidth: crate::policy::Bandwidth {
+                bytes_per_sec: 2_000_000,
+                window_start_min: 480,
+                window_end_min: 1080,
+            },
+            retention: Retention {
+                daily: 30,
+                ..Default::default()
+            },
+        };
+        st.set_site_policy("paris", &site).expect("site policy");
+        let mut own = pb::Source {
+            name: "mail".into(),
+            paths: vec!["/var/mail".into()],
+            priority: 5,
+            quiet_ms: 500,
+            retention: Some(pb::Retention {
+                keep_last: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        st.put_source(&agent, &own).expect("put");
+        own.name = "docs".into();
+        own.retention = None;
+        st.put_source(&agent, &own).expect("put");
+
+        let raw = st.sources(&agent).expect("sources");
+        assert_eq!(raw[0].name, "docs");
+        assert_eq!(raw[0].retention, Some(pb::Retention::default()));
+        assert_eq!(raw[1].priority, 5);
+        assert_eq!(raw[1].quiet_ms, 500);
+
+        let sent = st.agent_sources(&agent).expect("agent sources");
+        let agent_policy = sent.agent.expect("agent policy");
+        assert_eq!(agent_policy.timezone, "Europe/Paris");
+        assert_eq!(
+            agent_policy.bandwidth.map(|b| b.bytes_per_sec),
+            Some(2_000_000)
+        );
+        assert_eq!(sent.sources[0].retention.map(|r| r.daily), Some(30));
+        assert_eq!(
+            sent.sources[1].retention.map(|r| (r.keep_last, r.daily)),
+            Some((3, 0))
+        );
+    }
 }

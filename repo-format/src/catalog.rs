@@ -302,6 +302,16 @@ impl Catalog {
         Ok(())
     }
 
+    /// Remove the row of snapshot `id`; true when there was one. The
+    /// snapshot file is the caller's (see `Repository::forget_snapshot`).
+    pub fn delete_snapshot(&self, id: &Id) -> Result<bool> {
+        let n = self
+            .conn
+            .execute("DELETE FROM snapshots WHERE id = ?1", [&id.0[..]])
+            .map_err(cat_err("deleting snapshot row"))?;
+        Ok(n > 0)
+    }
+
     /// All snapshots, oldest first.
     pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         let mut st = self

@@ -269,4 +269,78 @@ impl Repository {
         self.catalog()?.insert_snapshot(&id, snap)?;
         Ok(id)
     }
+
+    /// Forget snapshot `id` (retention): delete its snapshot file, fsync the
+    /// snapshots directory, then delete its catalog row. Idempotent: a
+    /// snapshot already gone, wholly or in part, is not an error.
+    ///
+    /// Only the snapshot goes: no pack and no blob is touched, so this needs
+    /// no exclusive lock and a concurrent backup is unaffected; the space its
+    /// blobs hold is freed by a later garbage collection. The file goes first
+    /// because it is the truth: a crash in between leaves a catalog row
+    /// without a file (`check` reports it; calling this again or
+    /// `rebuild-catalog` completes the forget), never a file that a rebuild
+    /// would bring back.
+    pub fn forget_snapshot(&self, id: &Id) -> Result<()> {
+        let dir = self.snapshots_dir();
+        let path = dir.join(id.to_hex());
+        match std::fs::remove_file(&path) {
+            Ok(()) => crate::fsutil::sync_dir(&dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("removing", &path, e)),
+        }
+        self.catalog()?.delete_snapshot(id)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(n: i64) -> Snapshot {
+        Snapshot {
+            time_ns: n,
+            hostname: "h".into(),
+            paths: vec!["/x".into()],
+            tree: Id([n as u8; 32]),
+            parent: None,
+            stats: Default::default(),
+            issues: vec![],
+            issues_dropped: 0,
+            site: None,
+            agent: None,
+            source: None,
+        }
+    }
+
+    #[test]
+    fn forget_snapshot_removes_file_and_row_and_is_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("repo");
+        let kdf = KdfParams {
+            m_cost_kib: 64,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        Repository::init(&root, b"pw", kdf, RepoConfig::new().expect("config")).expect("init");
+        let repo = Repository::open(&root, b"pw", LockMode::Shared).expect("open");
+        let a = repo.commit_snapshot(&snap(1)).expect("commit a");
+        let b = repo.commit_snapshot(&snap(2)).expect("commit b");
+        repo.forget_snapshot(&a).expect("forget");
+        let left: Vec<Id> = repo
+            .snapshots()
+            .expect("list")
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(left, vec![b]);
+        assert!(!repo.snapshots_dir().join(a.to_hex()).exists());
+        assert!(repo.snapshots_dir().join(b.to_hex()).exists());
+        // Again, and with a row whose file is already gone (a crash in between).
+        repo.forget_snapshot(&a).expect("idempotent");
+        std::fs::remove_file(repo.snapshots_dir().join(b.to_hex())).expect("rm");
+        repo.forget_snapshot(&b).expect("row without file");
+        assert!(repo.snapshots().expect("list").is_empty());
+    }
 }

@@ -1,5 +1,8 @@
-//! What central IT calls (role "admin").
+//! What central IT calls (role "admin"): sites, tokens, agents, status (with
+//! the agents' recovery points), snapshots, restores, jobs, sources and their
+//! policies, and prune (retention: forget snapshots, never packs).
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use proto::convert;
@@ -9,6 +12,8 @@ use tonic::{Request, Response, Status};
 
 use crate::Ctx;
 use crate::error::ServiceError;
+use crate::policy::{self, SitePolicy, SourcePolicy};
+use crate::retention::{self, Candidate, Decision};
 use crate::state::now_ns;
 
 /// The admin service.
@@ -104,15 +109,63 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         check(req.get_ref().protocol)?;
-        let (sites, agents, snaps) = self
+        let (sites, agents, snaps, lags, defined) = self
             .ctx
-            .blocking(|c| Ok((c.state.sites()?, c.state.agents()?, c.repo.snapshots()?)))
+            .blocking(|c| {
+                let agents = c.state.agents()?;
+                let mut defined = Vec::new();
+                for a in agents.iter().filter(|a| a.revoked_ns.is_none()) {
+                    for s in c.state.sources(&a.agent_id)? {
+                        defined.push((a.agent_id.clone(), s.name));
+                    }
+                }
+                Ok((
+                    c.state.sites()?,
+                    agents,
+                    c.repo.snapshots()?,
+                    c.state.lags()?,
+                    defined,
+                ))
+            })
             .await?;
-        let mut last: std::collections::HashMap<String, i64> = Default::default();
+        let mut last: HashMap<String, i64> = Default::default();
+        // Newest snapshot per (agent, source).
+        let mut last_of: HashMap<(String, String), i64> = Default::default();
         for (_, s) in snaps {
             if let Some(site) = s.site {
                 let e = last.entry(site).or_default();
                 *e = (*e).max(s.time_ns);
+            }
+            if let (Some(agent), Some(source)) = (s.agent, s.source) {
+                let e = last_of.entry((agent, source)).or_default();
+                *e = (*e).max(s.time_ns);
+            }
+        }
+        // One RPO line per (agent, source) that is defined, reported or has a
+        // snapshot, for agents not revoked.
+        let mut rpo: BTreeMap<(String, String), pb::SourceRpo> = BTreeMap::new();
+        let keys = defined
+            .into_iter()
+            .chain(last_of.keys().cloned())
+            .chain(lags.iter().map(|l| (l.agent_id.clone(), l.source.clone())));
+        for (agent_id, source) in keys {
+            rpo.entry((agent_id.clone(), source.clone()))
+                .or_insert_with(|| pb::SourceRpo {
+                    last_snapshot_ns: last_of
+                        .get(&(agent_id.clone(), source.clone()))
+                        .copied()
+                        .unwrap_or(0),
+                    agent_id,
+                    source,
+                    ..Default::default()
+                });
+        }
+        for l in lags {
+            if let Some(r) = rpo.get_mut(&(l.agent_id, l.source)) {
+                r.oldest_change_age_secs = l.oldest_change_age_secs;
+                r.pending_bytes = l.pending_bytes;
+                r.note = l.note;
+                r.reported_ns = l.reported_ns;
             }
         }
         let online = self
@@ -128,7 +181,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     .iter()
                     .filter(|a| a.site == site && a.revoked_ns.is_none())
                     .collect();
+                let rpo = rpo
+                    .values()
+                    .filter(|r| mine.iter().any(|a| a.agent_id == r.agent_id))
+                    .cloned()
+                    .collect();
                 pb::SiteStatus {
+                    rpo,
                     agents: mine.len() as u32,
                     agents_online: mine.iter().filter(|a| online.contains(&a.agent_id)).count()
                         as u32,
@@ -194,19 +253,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             .filter(|(_, s)| {
                 r.agent_id.is_empty() || s.agent.as_deref() == Some(r.agent_id.as_str())
             })
-            .map(|(id, s)| pb::SnapshotInfo {
-                id: id.0.to_vec(),
-                partial: s.is_partial(),
-                site: s.site.unwrap_or_default(),
-                agent_id: s.agent.unwrap_or_default(),
-                source: s.source.unwrap_or_default(),
-                time_ns: s.time_ns,
-                files: s.stats.files,
-                bytes: s.stats.bytes,
-                new_bytes: s.stats.new_bytes,
-                paths: s.paths,
-                hostname: s.hostname,
-            })
+            .map(|(id, s)| snapshot_info(id, s))
             .collect();
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
@@ -296,15 +343,6 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                 "at most 100 excludes of at most 1024 bytes",
             ));
         }
-        if !r.schedule.is_empty() {
-            use std::str::FromStr;
-            cron::Schedule::from_str(&r.schedule).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "schedule {:?}: {e} (format: sec min hour day month weekday)",
-                    r.schedule
-                ))
-            })?;
-        }
         let agent_id = r.agent_id.clone();
         let source = pb::Source {
             name: r.name,
@@ -312,7 +350,15 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             excludes: r.excludes,
             schedule: r.schedule,
             realtime: r.realtime,
+            priority: r.priority,
+            bandwidth: r.bandwidth,
+            quiet_ms: r.quiet_ms,
+            max_delay_ms: r.max_delay_ms,
+            reconcile_secs: r.reconcile_secs,
+            jitter_secs: r.jitter_secs,
+            retention: r.retention,
         };
+        policy::validate_source(&source.schedule, &SourcePolicy::of(&source))?;
         self.ctx
             .blocking(move |c| {
                 require_agent(c, &agent_id)?;
@@ -360,20 +406,320 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }
         Ok(Response::new(pb::BackupNowResponse { job_id }))
     }
+
+    async fn set_policy(
+        &self,
+        req: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        let source_form = !r.agent_id.is_empty() || !r.source.is_empty();
+        let agents = if source_form {
+            if r.agent_id.is_empty() || r.source.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a source's policy needs both agent_id and source",
+                ));
+            }
+            if r.timezone.is_some() || r.agent_bandwidth.is_some() {
+                return Err(Status::invalid_argument(
+                    "time zone and agent bandwidth are site settings: give only the site",
+                ));
+            }
+            let agent = r.agent_id.clone();
+            self.ctx.blocking(move |c| set_source_policy(c, r)).await?;
+            vec![agent]
+        } else {
+            if r.site.is_empty() {
+                return Err(Status::invalid_argument(
+                    "name a site, or an agent and one of its sources",
+                ));
+            }
+            let source_only = r.schedule.is_some()
+                || r.realtime.is_some()
+                || r.priority.is_some()
+                || r.bandwidth.is_some()
+                || r.quiet_ms.is_some()
+                || r.max_delay_ms.is_some()
+                || r.reconcile_secs.is_some()
+                || r.jitter_secs.is_some();
+            if source_only {
+                return Err(Status::invalid_argument(
+                    "schedule, real-time, priority, bandwidth, quiet, max-delay, reconcile and \
+                     jitter are source settings: give an agent and a source",
+                ));
+            }
+            self.ctx.blocking(move |c| set_site_policy(c, r)).await?
+        };
+        // Agents pick the change up without a restart.
+        for a in &agents {
+            self.push_sources(a).await?;
+        }
+        Ok(Response::new(pb::SetPolicyResponse {}))
+    }
+
+    async fn prune(
+        &self,
+        req: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        let (decisions, forgotten) = self.ctx.blocking(move |c| prune(c, &r)).await?;
+        Ok(Response::new(pb::PruneResponse {
+            decisions,
+            forgotten,
+        }))
+    }
 }
 
 impl AdminSvc {
-    /// Push the current sources of `agent_id` if it is online.
+    /// Push the current sources and agent policy of `agent_id` if it is online.
     async fn push_sources(&self, agent_id: &str) -> Result<(), Status> {
+        let online = self
+            .ctx
+            .sessions
+            .lock()
+            .is_ok_and(|s| s.contains_key(agent_id));
+        if !online {
+            return Ok(());
+        }
         let id = agent_id.to_string();
-        let sources = self.ctx.blocking(move |c| c.state.sources(&id)).await?;
+        let sources = self
+            .ctx
+            .blocking(move |c| c.state.agent_sources(&id))
+            .await?;
         self.ctx
-            .push(
-                agent_id,
-                pb::collector_command::Command::Sources(pb::Sources { sources }),
-            )
+            .push(agent_id, pb::collector_command::Command::Sources(sources))
             .await;
         Ok(())
+    }
+}
+
+/// Apply a site-form SetPolicy request to `site`'s policy; returns the
+/// agents of the site (to push the change to).
+fn set_site_policy(c: &Ctx, r: pb::SetPolicyRequest) -> Result<Vec<String>, ServiceError> {
+    let site = convert::site_name(&r.site).map_err(ServiceError::from)?;
+    let mut p = c.state.site_policy(&site).map_err(|e| match e {
+        ServiceError::NotFound(_) => {
+            ServiceError::NotFound(format!("site {site} (add it with `hubvault site add`)"))
+        }
+        e => e,
+    })?;
+    if let Some(tz) = r.timezone {
+        policy::parse_timezone(&tz)?;
+        p.timezone = tz;
+    }
+    if let Some(b) = &r.agent_bandwidth {
+        p.agent_bandwidth = b.into();
+    }
+    if let Some(ret) = &r.retention {
+        p.retention = ret.into();
+    }
+    policy::validate_site(&p)?;
+    c.state.set_site_policy(&site, &p)?;
+    Ok(c.state
+        .agents()?
+        .into_iter()
+        .filter(|a| a.site == site && a.revoked_ns.is_none())
+        .map(|a| a.agent_id)
+        .collect())
+}
+
+/// Apply a source-form SetPolicy request to that source.
+fn set_source_policy(c: &Ctx, r: pb::SetPolicyRequest) -> Result<(), ServiceError> {
+    let site = require_agent(c, &r.agent_id)?;
+    if !r.site.is_empty() && r.site != site {
+        return Err(ServiceError::Invalid(format!(
+            "agent {} belongs to site {site}, not {}",
+            r.agent_id, r.site
+        )));
+    }
+    let mut s = c
+        .state
+        .sources(&r.agent_id)?
+        .into_iter()
+        .find(|s| s.name == r.source)
+        .ok_or_else(|| {
+            ServiceError::NotFound(format!(
+                "source {:?} of agent {} (add it with `hubvault source add`)",
+                r.source, r.agent_id
+            ))
+        })?;
+    if let Some(v) = r.schedule {
+        s.schedule = v;
+    }
+    if let Some(v) = r.realtime {
+        s.realtime = v;
+    }
+    if let Some(v) = r.priority {
+        s.priority = v;
+    }
+    if r.bandwidth.is_some() {
+        s.bandwidth = r.bandwidth;
+    }
+    if let Some(v) = r.quiet_ms {
+        s.quiet_ms = v;
+    }
+    if let Some(v) = r.max_delay_ms {
+        s.max_delay_ms = v;
+    }
+    if let Some(v) = r.reconcile_secs {
+        s.reconcile_secs = v;
+    }
+    if let Some(v) = r.jitter_secs {
+        s.jitter_secs = v;
+    }
+    if r.retention.is_some() {
+        s.retention = r.retention;
+    }
+    policy::validate_source(&s.schedule, &SourcePolicy::of(&s))?;
+    c.state.put_source(&r.agent_id, &s)
+}
+
+/// What `prune` decides (and, unless `dry_run`, does): decisions sorted by
+/// (site, agent, source, time), and how many snapshots were forgotten.
+fn prune(c: &Ctx, r: &pb::PruneRequest) -> Result<(Vec<pb::PruneDecision>, u32), ServiceError> {
+    let now = now_ns();
+    // Snapshots a restore job still needs: never forgotten.
+    let mut in_use: HashMap<Vec<u8>, u64> = HashMap::new();
+    for j in c.state.jobs(None)? {
+        let finished =
+            j.state == pb::JobState::Done as i32 || j.state == pb::JobState::Failed as i32;
+        if !finished && !j.snapshot.is_empty() {
+            in_use.entry(j.snapshot).or_insert(j.job_id);
+        }
+    }
+    type Group = Vec<(repo_format::Id, repo_format::snapshot::Snapshot)>;
+    let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
+    for (id, s) in c.repo.snapshots()? {
+        let key = (
+            s.site.clone().unwrap_or_default(),
+            s.agent.clone().unwrap_or_default(),
+            s.source.clone().unwrap_or_default(),
+        );
+        let wanted = (r.site.is_empty() || r.site == key.0)
+            && (r.agent_id.is_empty() || r.agent_id == key.1)
+            && (r.source.is_empty() || r.source == key.2);
+        if wanted {
+            groups.entry(key).or_default().push((id, s));
+        }
+    }
+    let mut sites: HashMap<String, SitePolicy> = HashMap::new();
+    let mut sources: HashMap<String, Vec<pb::Source>> = HashMap::new();
+    let mut out = Vec::new();
+    let mut forget = Vec::new();
+    for ((site, agent, source), mut snaps) in groups {
+        if !sites.contains_key(&site) {
+            let p = match c.state.site_policy(&site) {
+                Ok(p) => p,
+                Err(ServiceError::NotFound(_)) => SitePolicy::default(),
+                Err(e) => return Err(e),
+            };
+            sites.insert(site.clone(), p);
+        }
+        let site_policy = sites.get(&site).cloned().unwrap_or_default();
+        if !sources.contains_key(&agent) {
+            sources.insert(agent.clone(), c.state.sources(&agent)?);
+        }
+        let own = sources
+            .get(&agent)
+            .and_then(|l| l.iter().find(|s| s.name == source))
+            .map(|s| SourcePolicy::of(s).retention)
+            .unwrap_or_default();
+        let rules = if own.is_empty() {
+            site_policy.retention
+        } else {
+            own
+        };
+        snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
+        let cands: Vec<Candidate> = snaps
+            .iter()
+            .map(|(id, s)| Candidate {
+                id: *id,
+                time_ns: s.time_ns,
+            })
+            .collect();
+        let decisions = retention::decide(&cands, &rules, now, site_policy.tz());
+        for ((id, s), mut d) in snaps.into_iter().zip(decisions) {
+            if !d.keep
+                && let Some(job) = in_use.get(id.0.as_slice())
+            {
+                d = Decision {
+                    keep: true,
+                    reason: format!("in use by job {job}"),
+                };
+            }
+            if !d.keep {
+                forget.push(id);
+            }
+            out.push(pb::PruneDecision {
+                snapshot: Some(snapshot_info(id, s)),
+                keep: d.keep,
+                reason: d.reason,
+            });
+        }
+    }
+    if r.dry_run || forget.is_empty() {
+        return Ok((out, 0));
+    }
+    let mut forgotten = 0u32;
+    let mut failed = None;
+    for id in &forget {
+        let res = c
+            .repo
+            .forget_snapshot(id)
+            .map_err(ServiceError::from)
+            .and_then(|()| c.state.forget_snapshot(&id.0));
+        match res {
+            Ok(()) => forgotten += 1,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let filter = |name: &str, v: &str| {
+        if v.is_empty() {
+            String::new()
+        } else {
+            format!(" {name} {v}")
+        }
+    };
+    c.state.admin_event(
+        "prune",
+        &format!(
+            "forgot {forgotten} of {} snapshots{}{}{} (packs kept until a garbage collection): {}",
+            out.len(),
+            filter("site", &r.site),
+            filter("agent", &r.agent_id),
+            filter("source", &r.source),
+            forget
+                .iter()
+                .take(forgotten as usize)
+                .map(|i| i.short())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    )?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((out, forgotten)),
+    }
+}
+
+/// The wire form of a snapshot.
+fn snapshot_info(id: repo_format::Id, s: repo_format::snapshot::Snapshot) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        id: id.0.to_vec(),
+        partial: s.is_partial(),
+        site: s.site.unwrap_or_default(),
+        agent_id: s.agent.unwrap_or_default(),
+        source: s.source.unwrap_or_default(),
+        time_ns: s.time_ns,
+        files: s.stats.files,
+        bytes: s.stats.bytes,
+        new_bytes: s.stats.new_bytes,
+        paths: s.paths,
+        hostname: s.hostname,
     }
 }
 

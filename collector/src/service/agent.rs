@@ -46,14 +46,16 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         if let Ok(mut s) = self.ctx.sessions.lock() {
             s.insert(agent_id.clone(), tx.clone());
         }
-        // Policies live at the collector: the agent gets its sources on connect.
+        // Policies live at the collector: the agent gets its sources (with
+        // their effective retention) and its site's agent policy on connect.
         let id = agent_id.clone();
-        let sources = self.ctx.blocking(move |c| c.state.sources(&id)).await?;
+        let sources = self
+            .ctx
+            .blocking(move |c| c.state.agent_sources(&id))
+            .await?;
         let _ = tx
             .send(Ok(pb::CollectorCommand {
-                command: Some(pb::collector_command::Command::Sources(pb::Sources {
-                    sources,
-                })),
+                command: Some(pb::collector_command::Command::Sources(sources)),
             }))
             .await;
         // Jobs it has not finished (it may have restarted) are pushed again.
@@ -84,9 +86,17 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                     break;
                 }
                 match ev.event {
-                    Some(pb::agent_event::Event::Heartbeat(_)) => {
+                    Some(pb::agent_event::Event::Heartbeat(mut hb)) => {
                         let id = agent_id.clone();
-                        if let Err(e) = ctx.blocking(move |c| c.state.seen(&id)).await {
+                        // Untrusted input: record_lag also cuts names and notes.
+                        hb.lag.truncate(crate::state::MAX_LAG_ENTRIES);
+                        let recorded = ctx
+                            .blocking(move |c| {
+                                c.state.seen(&id)?;
+                                c.state.record_lag(&id, &hb.lag)
+                            })
+                            .await;
+                        if let Err(e) = recorded {
                             tracing::warn!("recording heartbeat of {agent_id}: {e}");
                         }
                     }
