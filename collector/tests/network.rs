@@ -6,222 +6,15 @@
 //! and the data path: backup, cross-site restore (bit-exact with metadata),
 //! a collector killed mid-upload, site isolation, unverifiable commits.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod support;
 
 use proto::limits::PROTOCOL;
 use proto::pb;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-/// Path of a workspace binary, building it if this test run did not.
-fn bin(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_hubvault-collector"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
-    let p = dir.join(name);
-    if !p.exists() {
-        let pkg = if name == "hubvault" {
-            "admin-cli"
-        } else {
-            "edge-agent"
-        };
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", pkg, "--bin", name])
-            .status()
-            .expect("running cargo build");
-        assert!(st.success(), "building {name}");
-    }
-    p
-}
-
-/// A running collector with its data dir; killed on drop.
-struct Collector {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Spawn `hubvault-collector run` on `data`, listening on `listen`; returns
-/// the child and the address it printed.
-fn run_collector(data: &Path, listen: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
-        .args(["run", "--listen", listen, "--data"])
-        .arg(data)
-        .env("HUBVAULT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("collector run");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("reading the listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_string();
-    (child, addr)
-}
-
-/// The number printed `back` words before `word` in an agent's report line
-/// ("N files, M blobs new to this agent, K sent (B bytes) in S s upload ...").
-fn number_before<T: std::str::FromStr>(text: &str, word: &str, back: usize) -> T {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let at = words
-        .iter()
-        .position(|w| *w == word)
-        .unwrap_or_else(|| panic!("no {word:?} in {text}"));
-    words[at - back]
-        .trim_start_matches('(')
-        .parse()
-        .unwrap_or_else(|_| panic!("no number before {word:?} in {text}"))
-}
-
-impl Collector {
-    fn start() -> Collector {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let data = dir.path().join("data");
-        let out = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
-            .args(["init", "--kdf-memory-kib", "1024", "--data"])
-            .arg(&data)
-            .output()
-            .expect("collector init");
-        assert!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (child, addr) = run_collector(&data, "127.0.0.1:0");
-        Collector {
-            child,
-            url: format!("https://{addr}"),
-            dir,
-        }
-    }
-
-    /// Start the collector again on the same data directory and port (after
-    /// it was killed or stopped).
-    fn restart(&mut self) {
-        let port = self.url.rsplit(':').next().expect("port").to_string();
-        let (child, _) = run_collector(&self.dir.path().join("data"), &format!("127.0.0.1:{port}"));
-        self.child = child;
-    }
-
-    fn admin_dir(&self) -> PathBuf {
-        self.dir.path().join("data").join("admin")
-    }
-
-    fn hubvault(&self, args: &[&str]) -> Output {
-        Command::new(bin("hubvault"))
-            .args(args)
-            .env("HUBVAULT_ADMIN", self.admin_dir())
-            .env("HUBVAULT_COLLECTOR", &self.url)
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .expect("running hubvault")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.hubvault(args);
-        assert!(
-            o.status.success(),
-            "hubvault {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn token(&self, site: &str) -> String {
-        self.ok(&["enroll-token", "--site", site, "--ttl", "1h"])
-            .trim()
-            .to_string()
-    }
-
-    fn enroll(&self, token: &str, state: &Path) -> Output {
-        Command::new(bin("hubvault-agent"))
-            .args([
-                "enroll",
-                "--kdf-memory-kib",
-                "1024",
-                "--collector",
-                &self.url,
-                "--token",
-                token,
-                "--state",
-            ])
-            .arg(state)
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .expect("running hubvault-agent enroll")
-    }
-
-    /// Packs in the collector's repository so far.
-    fn pack_count(&self) -> usize {
-        let packs = self.dir.path().join("data").join("repo").join("packs");
-        std::fs::read_dir(&packs)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-
-    fn agents(&self) -> Vec<serde_json::Value> {
-        serde_json::from_str(&self.ok(&["agents", "--json"])).expect("agents json")
-    }
-
-    /// A TLS channel with an optional client identity from `dir` (`<name>.pem`/`.key`).
-    async fn channel(
-        &self,
-        identity: Option<(&Path, &str)>,
-    ) -> Result<Channel, tonic::transport::Error> {
-        let ca = std::fs::read(self.admin_dir().join("ca.pem")).expect("ca");
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name("hubvault-collector");
-        if let Some((dir, name)) = identity {
-            let c = std::fs::read(dir.join(format!("{name}.pem"))).expect("cert");
-            let k = std::fs::read(dir.join(format!("{name}.key"))).expect("key");
-            tls = tls.identity(Identity::from_pem(c, k));
-        }
-        Channel::from_shared(self.url.clone())
-            .expect("url")
-            .tls_config(tls)
-            .expect("tls")
-            .connect()
-            .await
-    }
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use support::*;
 
 #[test]
 fn enroll_once_then_online_then_revoked_everywhere() {
@@ -492,48 +285,6 @@ fn unknown_token_and_missing_site_are_refused() {
         !tmp.path().join("a").join("agent.json").exists(),
         "nothing enrolled"
     );
-}
-
-/// An enrolled agent's state directory.
-fn enrolled(c: &Collector, site: &str, dir: &Path) -> PathBuf {
-    let state = dir.join(format!("agent-{site}"));
-    let o = c.enroll(&c.token(site), &state);
-    assert!(
-        o.status.success(),
-        "enroll: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    state
-}
-
-fn agent_backup(state: &Path, src: &Path) -> Output {
-    Command::new(bin("hubvault-agent"))
-        .args(["backup", "--source", "docs", "--state"])
-        .arg(state)
-        .arg(src)
-        .env_remove("RUST_BACKTRACE")
-        .env("HUBVAULT_LOG", "warn")
-        .output()
-        .expect("running hubvault-agent backup")
-}
-
-fn spawn_agent(state: &Path) -> Child {
-    Command::new(bin("hubvault-agent"))
-        .args(["run", "--heartbeat-secs", "1", "--state"])
-        .arg(state)
-        .env_remove("RUST_BACKTRACE")
-        .env("HUBVAULT_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent run")
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -967,7 +718,7 @@ fn sources_are_pushed_and_backup_now_runs_as_a_job() {
     wait_for("agent online", || {
         c.agents().first().is_some_and(|a| a["online"] == true)
     });
-    wait_for("sources pushed", || state.join("sources.json").exists());
+    wait_for("sources pushed", || state.join("sources.pb").exists());
     let job = c.ok(&["backup-now", "--agent", &id]);
     let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "60", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
@@ -1306,4 +1057,270 @@ fn sigterm_mid_upload_shuts_down_cleanly_and_the_agent_resumes() {
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+}
+
+fn snapshot_ids(c: &Collector) -> Vec<String> {
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("snapshots json");
+    snaps
+        .iter()
+        .map(|s| s["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+#[test]
+fn prune_dry_run_lists_and_prune_forgets() {
+    use integration_tests::compare;
+    let c = Collector::start();
+    c.ok(&["site", "add", "paris"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = enrolled(&c, "paris", tmp.path());
+    let id = c.agents()[0]["id"].as_str().expect("id").to_string();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    std::fs::write(src.join("sub").join("fixed.txt"), b"unchanged").expect("w");
+    c.ok(&[
+        "source",
+        "add",
+        "--agent",
+        &id,
+        "--name",
+        "docs",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
+    // Three snapshots of the source, each with a different version of a file.
+    for v in 1..=3 {
+        std::fs::write(src.join("notes.txt"), format!("version {v}\n").repeat(1000)).expect("w");
+        let o = agent_backup(&state, &src);
+        assert!(
+            o.status.success(),
+            "backup {v}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let all = snapshot_ids(&c);
+    assert_eq!(all.len(), 3);
+    let newest = all[2].clone();
+
+    // Without a policy every snapshot is kept.
+    let keep_all: serde_json::Value =
+        serde_json::from_str(&c.ok(&["prune", "--dry-run", "--json"])).expect("json");
+    let d = keep_all["decisions"].as_array().expect("decisions");
+    assert_eq!(d.len(), 3);
+    assert!(
+        d.iter()
+            .all(|d| d["keep"] == true && d["reason"] == "no retention policy")
+    );
+
+    c.ok(&[
+        "policy",
+        "set",
+        "--agent",
+        &id,
+        "--source",
+        "docs",
+        "--keep-last",
+        "1",
+    ]);
+    let dry: serde_json::Value =
+        serde_json::from_str(&c.ok(&["prune", "--dry-run", "--json"])).expect("json");
+    let d = dry["decisions"].as_array().expect("decisions");
+    assert_eq!(d.len(), 3, "{dry}");
+    let kept: Vec<&serde_json::Value> = d.iter().filter(|d| d["keep"] == true).collect();
+    assert_eq!(kept.len(), 1, "{dry}");
+    assert_eq!(kept[0]["id"], newest.as_str());
+    assert_eq!(kept[0]["reason"], "last 1");
+    assert_eq!(d.iter().filter(|d| d["action"] == "forget").count(), 2);
+    assert_eq!(dry["forgotten"], 0);
+    assert_eq!(snapshot_ids(&c).len(), 3, "a dry run changes nothing");
+
+    let packs = c.pack_count();
+    let o = c.hubvault(&["prune"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("forget ")).count(),
+        2,
+        "{text}"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("forgot 2 of 3"));
+    assert_eq!(snapshot_ids(&c), vec![newest.clone()]);
+    assert_eq!(c.pack_count(), packs, "forgetting never deletes packs");
+    let repo = c.dir.path().join("data").join("repo");
+    assert_eq!(
+        std::fs::read_dir(repo.join("snapshots"))
+            .expect("snapshots dir")
+            .count(),
+        1,
+        "the forgotten snapshot files are gone"
+    );
+    // Pruning again finds nothing more to forget.
+    let again: serde_json::Value = serde_json::from_str(&c.ok(&["prune", "--json"])).expect("json");
+    assert_eq!(again["forgotten"], 0);
+
+    // The status lists the source's recovery point with its last snapshot.
+    let status: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["status", "--json"])).expect("json");
+    let rpo = status[0]["rpo"].as_array().expect("rpo");
+    assert!(
+        rpo.iter().any(|r| r["agent"] == id.as_str()
+            && r["source"] == "docs"
+            && r["last_snapshot_ns"] != 0),
+        "{status:?}"
+    );
+
+    // The kept snapshot still restores byte-exact.
+    let _agent = KillOnDrop(spawn_agent(&state));
+    wait_for("agent online", || {
+        c.agents().first().is_some_and(|a| a["online"] == true)
+    });
+    let target = tmp.path().join("restored");
+    let job = c.ok(&[
+        "restore",
+        &newest,
+        "--to-agent",
+        &id,
+        "--target",
+        target.to_str().expect("utf8"),
+    ]);
+    let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "60"]);
+    assert!(
+        o.status.success(),
+        "job failed: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    compare::assert_same_tree(&src, &target.join("src"));
+
+    // The repository checks clean: no catalogued snapshot lost its file.
+    let data = c.dir.path().join("data");
+    let check = Command::new(bin("hubvault"))
+        .args(["repo", "check", "--repo"])
+        .arg(data.join("repo"))
+        .arg("--passphrase-file")
+        .arg(data.join("repo.pass"))
+        .output()
+        .expect("check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn policy_set_refuses_bad_values_with_clear_messages() {
+    let c = Collector::start();
+    c.ok(&["site", "add", "paris"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    enrolled(&c, "paris", tmp.path());
+    let id = c.agents()[0]["id"].as_str().expect("id").to_string();
+    c.ok(&[
+        "source",
+        "add",
+        "--agent",
+        &id,
+        "--name",
+        "docs",
+        "--path",
+        "/srv/docs",
+    ]);
+    let refused = |args: &[&str], needle: &str| {
+        let o = c.hubvault(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    };
+    refused(
+        &[
+            "policy",
+            "set",
+            "--agent",
+            &id,
+            "--source",
+            "docs",
+            "--schedule",
+            "every day",
+        ],
+        "format: sec min hour day month weekday",
+    );
+    refused(
+        &[
+            "policy",
+            "set",
+            "--site",
+            "paris",
+            "--timezone",
+            "Mars/Olympus",
+        ],
+        "not an IANA time zone",
+    );
+    refused(
+        &[
+            "policy",
+            "set",
+            "--agent",
+            &id,
+            "--source",
+            "docs",
+            "--quiet",
+            "10s",
+            "--max-delay",
+            "5s",
+        ],
+        "longer than the maximum delay",
+    );
+    refused(
+        &[
+            "policy",
+            "set",
+            "--agent",
+            &id,
+            "--source",
+            "nope",
+            "--priority",
+            "2",
+        ],
+        "add it with `hubvault source add`",
+    );
+    refused(
+        &["policy", "set", "--site", "lyon", "--keep-daily", "7"],
+        "site lyon",
+    );
+    refused(
+        &["policy", "set", "--site", "paris", "--bandwidth", "2MB/s"],
+        "source settings",
+    );
+    // Good values are taken.
+    c.ok(&[
+        "policy",
+        "set",
+        "--site",
+        "paris",
+        "--timezone",
+        "Europe/Paris",
+        "--agent-bandwidth",
+        "2MB/s",
+        "--window",
+        "08:00-18:00",
+        "--keep-daily",
+        "30",
+    ]);
+    c.ok(&[
+        "policy",
+        "set",
+        "--agent",
+        &id,
+        "--source",
+        "docs",
+        "--realtime",
+        "--priority",
+        "5",
+        "--quiet",
+        "1s",
+        "--max-delay",
+        "5s",
+        "--bandwidth",
+        "500KiB/s",
+    ]);
 }

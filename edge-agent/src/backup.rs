@@ -1,19 +1,27 @@
 //! One backup run: local backup into the spool, then upload and commit.
-//! Used by `hubvault-agent backup` and by backup-now jobs.
+//! Used by `hubvault-agent backup`, backup-now jobs, schedules and the
+//! real-time loop (incremental, with a dirty set).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use repo_format::Id;
+use proto::pb::agent_service_client::AgentServiceClient;
+use repo_format::backup::{BackupOptions, DirtySet, ParentChoice};
 use repo_format::snapshot::Snapshot;
+use repo_format::{Id, Repository};
+use tonic::transport::Channel;
 
+use crate::acked::Acked;
+use crate::gate::PriorityGate;
 use crate::state::StateDir;
-use crate::upload::UploadReport;
+use crate::upload::{UploadControl, UploadReport};
 
 /// What a run did.
 #[derive(Debug)]
 pub struct BackupRun {
+    /// The local snapshot's id in the spool.
+    pub local_id: Id,
     /// The local snapshot.
     pub local: Snapshot,
     /// The upload.
@@ -29,6 +37,39 @@ impl BackupRun {
     }
 }
 
+/// What to back up and how.
+pub struct RunSpec {
+    /// Source name (the collector groups snapshots by it).
+    pub source: String,
+    /// Paths of the source.
+    pub paths: Vec<PathBuf>,
+    /// Exclude globs.
+    pub excludes: Vec<String>,
+    /// Incremental: only these directories changed since `parent`.
+    pub dirty: Option<DirtySet>,
+    /// Parent snapshot in the spool.
+    pub parent: ParentChoice,
+    /// Upload priority (see [`crate::gate`]).
+    pub priority: i32,
+    /// Bandwidth limits and progress.
+    pub upload: UploadControl,
+}
+
+impl RunSpec {
+    /// A one-off run of `paths` as `source`, no limits.
+    pub fn once(source: &str, paths: Vec<PathBuf>, excludes: Vec<String>) -> RunSpec {
+        RunSpec {
+            source: source.to_string(),
+            paths,
+            excludes,
+            dirty: None,
+            parent: ParentChoice::Auto,
+            priority: 0,
+            upload: UploadControl::default(),
+        }
+    }
+}
+
 /// Back `paths` up as `source` (leaving out `excludes`), upload, commit.
 pub async fn run(
     st: &StateDir,
@@ -39,23 +80,52 @@ pub async fn run(
     let cfg = st.config()?;
     let st2 = StateDir::new(st.root());
     let (repo, acked) = tokio::task::spawn_blocking(move || st2.spool()).await??;
-    let (repo, acked) = (Arc::new(repo), Arc::new(acked));
+    let mut client = crate::control::connect(st, &cfg.collector).await?;
+    let spec = RunSpec::once(source, paths, excludes);
+    run_with(
+        Arc::new(repo),
+        Arc::new(acked),
+        &mut client,
+        &PriorityGate::new(),
+        spec,
+    )
+    .await
+}
+
+/// Back up per `spec` into `repo`, then (holding the upload gate) upload and
+/// commit through `client`.
+pub async fn run_with(
+    repo: Arc<Repository>,
+    acked: Arc<Acked>,
+    client: &mut AgentServiceClient<Channel>,
+    gate: &PriorityGate,
+    spec: RunSpec,
+) -> Result<BackupRun> {
     let r = repo.clone();
+    let (paths, excludes, dirty, parent) = (spec.paths, spec.excludes, spec.dirty, spec.parent);
     let out = tokio::task::spawn_blocking(move || {
-        let opts = repo_format::backup::BackupOptions {
+        let opts = BackupOptions {
             excludes,
+            dirty,
+            parent,
             ..Default::default()
         };
         repo_format::backup::backup(&r, &paths, &opts)
     })
     .await?
     .context("local backup failed")?;
+    spec.upload.planned.store(
+        out.snapshot.stats.new_bytes_stored,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let _permit = gate.acquire(spec.priority).await;
     let started = std::time::Instant::now();
-    let mut client = crate::control::connect(st, &cfg.collector).await?;
-    let upload = crate::upload::upload_snapshot(&mut client, repo, acked, out.id, source)
-        .await
-        .context("upload to the collector failed; run the backup again to resume")?;
+    let upload =
+        crate::upload::upload_snapshot(client, repo, acked, out.id, &spec.source, &spec.upload)
+            .await
+            .context("upload to the collector failed; it resumes where it stopped")?;
     Ok(BackupRun {
+        local_id: out.id,
         local: out.snapshot,
         upload,
         upload_secs: started.elapsed().as_secs_f64(),

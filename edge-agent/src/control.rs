@@ -13,7 +13,10 @@ use tokio_stream::StreamExt as _;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use std::sync::Arc;
+
 use crate::SERVER_NAME;
+use crate::sources::Sources;
 use crate::state::StateDir;
 
 /// Options of the control loop.
@@ -21,12 +24,15 @@ use crate::state::StateDir;
 pub struct ControlOptions {
     /// Seconds between heartbeats.
     pub heartbeat: Duration,
+    /// Options of the sources' tasks.
+    pub sources: crate::sources::SourcesOptions,
 }
 
 impl Default for ControlOptions {
     fn default() -> Self {
         ControlOptions {
             heartbeat: Duration::from_secs(10),
+            sources: Default::default(),
         }
     }
 }
@@ -64,7 +70,12 @@ pub async fn connect(st: &StateDir, collector: &str) -> Result<AgentServiceClien
         .max_encoding_message_size(proto::limits::MAX_MESSAGE))
 }
 
-async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
+async fn session(
+    st: &StateDir,
+    collector: &str,
+    opts: &ControlOptions,
+    sources: &Arc<Sources>,
+) -> End {
     let mut client = match connect(st, collector).await {
         Ok(c) => c,
         Err(e) => return End::Retry(e),
@@ -72,6 +83,7 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<pb::AgentEvent>(16);
     let beats = out_tx.clone();
     let every = opts.heartbeat;
+    let lag_of = sources.clone();
     let heart = tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
@@ -80,7 +92,7 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
                 protocol: PROTOCOL,
                 event: Some(pb::agent_event::Event::Heartbeat(pb::Heartbeat {
                     version: env!("CARGO_PKG_VERSION").to_string(),
-                    lag: Vec::new(),
+                    lag: lag_of.lag(),
                 })),
             };
             if beats.send(hb).await.is_err() {
@@ -97,7 +109,6 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
         Err(s) => return classify(s),
     };
     tracing::info!("control stream open");
-    let sources: std::sync::Mutex<Vec<pb::Source>> = std::sync::Mutex::new(Vec::new());
     let mut inbound = resp.into_inner();
     loop {
         match inbound.next().await {
@@ -106,24 +117,11 @@ async fn session(st: &StateDir, collector: &str, opts: &ControlOptions) -> End {
                 Some(pb::collector_command::Command::Sources(s)) => {
                     tracing::info!("collector assigned {} sources", s.sources.len());
                     // Remembered across restarts; policies live at the collector.
-                    let json = serde_json::json!(s
-                        .sources
-                        .iter()
-                        .map(|x| serde_json::json!({"name": x.name, "paths": x.paths, "excludes": x.excludes,
-                            "schedule": x.schedule, "realtime": x.realtime}))
-                        .collect::<Vec<_>>());
-                    if let Err(e) = st.write("sources.json", json.to_string().as_bytes(), false) {
-                        tracing::warn!("saving sources: {e:#}");
-                    }
-                    if let Ok(mut cur) = sources.lock() {
-                        *cur = s.sources;
-                    }
+                    sources.apply(s, true);
                 }
                 Some(pb::collector_command::Command::BackupNow(b)) => {
-                    let st = StateDir::new(st.root());
                     let tx = out_tx.clone();
-                    let list = sources.lock().map(|s| s.clone()).unwrap_or_default();
-                    tokio::spawn(async move { run_backup_job(st, b, list, tx).await });
+                    tokio::spawn(sources.clone().backup_now(b, tx));
                 }
                 Some(pb::collector_command::Command::Restore(job)) => {
                     let st = StateDir::new(st.root());
@@ -163,7 +161,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn report(
+/// A job report event.
+pub(crate) fn report(
     job_id: u64,
     state: pb::JobState,
     message: String,
@@ -180,55 +179,6 @@ fn report(
             bytes,
         })),
     }
-}
-
-/// Run one backup-now job: every matching source, one snapshot each.
-pub async fn run_backup_job(
-    st: StateDir,
-    cmd: pb::BackupNow,
-    sources: Vec<pb::Source>,
-    tx: tokio::sync::mpsc::Sender<pb::AgentEvent>,
-) {
-    let id = cmd.job_id;
-    let _ = tx
-        .send(report(id, pb::JobState::Running, "backing up".into(), 0, 0))
-        .await;
-    let mut done = Vec::new();
-    let (mut files, mut bytes) = (0, 0);
-    let mut failed = None;
-    for s in sources
-        .iter()
-        .filter(|s| cmd.source.is_empty() || s.name == cmd.source)
-    {
-        let paths = s.paths.iter().map(std::path::PathBuf::from).collect();
-        match crate::backup::run(&st, &s.name, paths, s.excludes.clone()).await {
-            Ok(run) => {
-                files += run.local.stats.files;
-                bytes += run.upload.bytes_sent;
-                done.push(format!(
-                    "{}: snapshot {}",
-                    s.name,
-                    run.snapshot().map(|i| i.short()).unwrap_or_default()
-                ));
-            }
-            Err(e) => {
-                failed = Some(format!("{}: {e:#}", s.name));
-                break;
-            }
-        }
-    }
-    let ev = match failed {
-        Some(msg) => report(id, pb::JobState::Failed, msg, files, bytes),
-        None if done.is_empty() => report(
-            id,
-            pb::JobState::Failed,
-            format!("no source {:?}", cmd.source),
-            0,
-            0,
-        ),
-        None => report(id, pb::JobState::Done, done.join("; "), files, bytes),
-    };
-    let _ = tx.send(ev).await;
 }
 
 /// Run one restore job: pull what is missing into the spool, restore, report.
@@ -349,18 +299,24 @@ pub async fn renew_if_due(st: &StateDir, collector: &str, force: bool) -> Result
     Ok(true)
 }
 
-/// Run until revoked: keep the control stream up, reconnecting with backoff.
+/// Run until revoked: keep the control stream up, reconnecting with backoff,
+/// and keep every source backed up per its policy.
 pub async fn run(st: &StateDir, opts: &ControlOptions) -> Result<()> {
     let cfg = st.config()?;
     tracing::info!(agent = %cfg.agent_id, site = %cfg.site, collector = %cfg.collector, "agent starting");
+    let sources = Sources::new(st, opts.sources.clone())?;
+    // Policies from the last run apply at once, before the collector answers.
+    sources.apply_saved();
     let mut backoff = Duration::from_secs(1);
     loop {
         // Sessions end at least every few minutes (the collector caps
         // connection age), so this runs often enough for 7-day certificates.
-        if let Err(e) = renew_if_due(st, &cfg.collector, false).await {
-            tracing::warn!("certificate renewal: {e:#}");
+        match renew_if_due(st, &cfg.collector, false).await {
+            Ok(true) => sources.reset_connection().await,
+            Ok(false) => {}
+            Err(e) => tracing::warn!("certificate renewal: {e:#}"),
         }
-        match session(st, &cfg.collector, opts).await {
+        match session(st, &cfg.collector, opts, &sources).await {
             End::Revoked(why) => bail!(
                 "this agent was revoked by the collector ({why}); enroll again with a new token"
             ),
@@ -377,7 +333,8 @@ pub async fn run(st: &StateDir, opts: &ControlOptions) -> Result<()> {
     }
 }
 
-fn jitter_ms(max: u64) -> u64 {
+/// A random delay below `max` milliseconds.
+pub(crate) fn jitter_ms(max: u64) -> u64 {
     let mut b = [0u8; 8];
     let _ = repo_format::crypto::fill_random(&mut b);
     u64::from_le_bytes(b) % max.max(1)

@@ -15,9 +15,15 @@ pub mod acked;
 pub mod backup;
 pub mod control;
 pub mod enroll;
+pub mod gate;
+pub mod history;
 pub mod pull;
+pub mod schedule;
+pub mod sources;
 pub mod state;
+pub mod throttle;
 pub mod upload;
+pub mod watch;
 
 /// Name the collector's certificate is verified against.
 pub const SERVER_NAME: &str = "hubvault-collector";

@@ -63,6 +63,14 @@ enum Command {
         /// Seconds between heartbeats.
         #[arg(long, default_value_t = 10, hide = true)]
         heartbeat_secs: u64,
+        /// Hold at most this many inotify watches (default: until the
+        /// kernel's fs.inotify.max_user_watches refuses more). Beyond it,
+        /// directories are scanned every minute instead of watched.
+        #[arg(long)]
+        max_watches: Option<usize>,
+        /// Seconds between scans of directories left unwatched by the limit.
+        #[arg(long, default_value_t = 60, hide = true)]
+        unwatched_scan_secs: u64,
     },
 }
 
@@ -103,10 +111,16 @@ fn main() -> Result<()> {
         Command::Run {
             state,
             heartbeat_secs,
+            max_watches,
+            unwatched_scan_secs,
         } => {
             let st = StateDir::new(&state);
             let opts = ControlOptions {
                 heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
+                sources: edge_agent::sources::SourcesOptions {
+                    watch_limit: max_watches,
+                    unwatched_scan: Some(Duration::from_secs(unwatched_scan_secs.max(1))),
+                },
             };
             rt.block_on(edge_agent::control::run(&st, &opts))
         }

@@ -9,6 +9,8 @@
 //! spool/       local repository (same keys and chunking as the collector's):
 //!              backups land here first, restore jobs pull into it
 //! acked.db     ids the collector acknowledged as durable
+//! history.db   per source: last scheduled run, last commit, last local snapshot
+//! sources.pb   the sources and policies last pushed by the collector
 //! ```
 
 use std::io::Write;

@@ -26,6 +26,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::acked::Acked;
+use crate::throttle::{self, Throttle};
+
+/// Bandwidth limits and live progress of one upload.
+#[derive(Default, Clone)]
+pub struct UploadControl {
+    /// Every limit the upload is under (the source's and the agent's).
+    pub throttles: Vec<Arc<Throttle>>,
+    /// Sealed bytes sent so far (for progress and the bytes-pending report).
+    pub sent: Arc<std::sync::atomic::AtomicU64>,
+    /// Sealed bytes the local backup added, about what the upload will send.
+    pub planned: Arc<std::sync::atomic::AtomicU64>,
+}
 
 /// What an upload did.
 #[derive(Debug, Default)]
@@ -38,6 +50,8 @@ pub struct UploadReport {
     pub bytes_sent: u64,
     /// Collector snapshot id.
     pub snapshot: Option<Id>,
+    /// Collector time of the snapshot, ns since the epoch.
+    pub time_ns: i64,
 }
 
 /// Blobs below `root` not yet acknowledged, children before parents.
@@ -76,6 +90,7 @@ pub async fn upload_snapshot(
     acked: Arc<Acked>,
     snap_id: Id,
     source: &str,
+    control: &UploadControl,
 ) -> Result<UploadReport> {
     let (_, snap) = repo.find_snapshot(&snap_id.to_hex())?;
     let (r, a) = (repo.clone(), acked.clone());
@@ -86,7 +101,7 @@ pub async fn upload_snapshot(
         ..Default::default()
     };
 
-    let (sent, bytes) = send_blobs(client, &repo, &acked, &pending).await?;
+    let (sent, bytes) = send_blobs(client, &repo, &acked, &pending, control).await?;
     report.sent = sent;
     report.bytes_sent = bytes;
 
@@ -105,6 +120,7 @@ pub async fn upload_snapshot(
         .context("committing the snapshot")?
         .into_inner();
     report.snapshot = Id::from_slice(&resp.snapshot_id);
+    report.time_ns = resp.time_ns;
     Ok(report)
 }
 
@@ -116,6 +132,7 @@ pub async fn send_blobs(
     repo: &Arc<Repository>,
     acked: &Arc<Acked>,
     pending: &[(BlobKind, Id)],
+    control: &UploadControl,
 ) -> Result<(u64, u64)> {
     let mut lacking = Vec::new();
     for batch in pending.chunks(MAX_IDS_PER_REQUEST) {
@@ -147,6 +164,7 @@ pub async fn send_blobs(
     let (tx, rx) = mpsc::channel::<pb::UploadRequest>(8);
     let reader_repo = repo.clone();
     let to_send = lacking.clone();
+    let ctl = control.clone();
     // Read sealed blobs off the runtime and feed the stream (bounded).
     let feeder = tokio::task::spawn_blocking(move || -> Result<u64> {
         let mut bytes = 0u64;
@@ -160,6 +178,9 @@ pub async fn send_blobs(
                 .store()
                 .read_at(&loc.pack, loc.offset, &mut sealed)?;
             bytes += sealed.len() as u64;
+            throttle::wait_all(&ctl.throttles, sealed.len() as u64);
+            ctl.sent
+                .fetch_add(sealed.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let msg = pb::UploadRequest {
                 protocol: PROTOCOL,
                 kind: kind as u32,

@@ -1,0 +1,265 @@
+//! Shared by the end-to-end test files: start the real `hubvault-collector`
+//! on loopback with a temp data directory, enroll and run real agents, and
+//! drive the real `hubvault` admin CLI.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// Path of a workspace binary, building it if this test run did not.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let p = dir.join(name);
+    if !p.exists() {
+        let pkg = if name == "hubvault" {
+            "admin-cli"
+        } else {
+            "edge-agent"
+        };
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", pkg, "--bin", name])
+            .status()
+            .expect("running cargo build");
+        assert!(st.success(), "building {name}");
+    }
+    p
+}
+
+/// A running collector with its data dir; killed on drop.
+pub struct Collector {
+    /// The running process.
+    pub child: Child,
+    /// https://127.0.0.1:PORT
+    pub url: String,
+    /// Holds data/ (repository, CA, admin identity).
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawn `hubvault-collector run` on `data`, listening on `listen`; returns
+/// the child and the address it printed.
+pub fn run_collector(data: &Path, listen: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+        .args(["run", "--listen", listen, "--data"])
+        .arg(data)
+        .env("HUBVAULT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("collector run");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("reading the listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    (child, addr)
+}
+
+/// The number printed `back` words before `word` in an agent's report line
+/// ("N files, M blobs new to this agent, K sent (B bytes) in S s upload ...").
+pub fn number_before<T: std::str::FromStr>(text: &str, word: &str, back: usize) -> T {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == word)
+        .unwrap_or_else(|| panic!("no {word:?} in {text}"));
+    words[at - back]
+        .trim_start_matches('(')
+        .parse()
+        .unwrap_or_else(|_| panic!("no number before {word:?} in {text}"))
+}
+
+impl Collector {
+    pub fn start() -> Collector {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let out = Command::new(env!("CARGO_BIN_EXE_hubvault-collector"))
+            .args(["init", "--kdf-memory-kib", "1024", "--data"])
+            .arg(&data)
+            .output()
+            .expect("collector init");
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (child, addr) = run_collector(&data, "127.0.0.1:0");
+        Collector {
+            child,
+            url: format!("https://{addr}"),
+            dir,
+        }
+    }
+
+    /// Start the collector again on the same data directory and port (after
+    /// it was killed or stopped).
+    pub fn restart(&mut self) {
+        let port = self.url.rsplit(':').next().expect("port").to_string();
+        let (child, _) = run_collector(&self.dir.path().join("data"), &format!("127.0.0.1:{port}"));
+        self.child = child;
+    }
+
+    pub fn admin_dir(&self) -> PathBuf {
+        self.dir.path().join("data").join("admin")
+    }
+
+    pub fn hubvault(&self, args: &[&str]) -> Output {
+        Command::new(bin("hubvault"))
+            .args(args)
+            .env("HUBVAULT_ADMIN", self.admin_dir())
+            .env("HUBVAULT_COLLECTOR", &self.url)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("running hubvault")
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.hubvault(args);
+        assert!(
+            o.status.success(),
+            "hubvault {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn token(&self, site: &str) -> String {
+        self.ok(&["enroll-token", "--site", site, "--ttl", "1h"])
+            .trim()
+            .to_string()
+    }
+
+    pub fn enroll(&self, token: &str, state: &Path) -> Output {
+        Command::new(bin("hubvault-agent"))
+            .args([
+                "enroll",
+                "--kdf-memory-kib",
+                "1024",
+                "--collector",
+                &self.url,
+                "--token",
+                token,
+                "--state",
+            ])
+            .arg(state)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("running hubvault-agent enroll")
+    }
+
+    /// Packs in the collector's repository so far.
+    pub fn pack_count(&self) -> usize {
+        let packs = self.dir.path().join("data").join("repo").join("packs");
+        std::fs::read_dir(&packs)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn agents(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["agents", "--json"])).expect("agents json")
+    }
+
+    /// A TLS channel with an optional client identity from `dir` (`<name>.pem`/`.key`).
+    pub async fn channel(
+        &self,
+        identity: Option<(&Path, &str)>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let ca = std::fs::read(self.admin_dir().join("ca.pem")).expect("ca");
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("hubvault-collector");
+        if let Some((dir, name)) = identity {
+            let c = std::fs::read(dir.join(format!("{name}.pem"))).expect("cert");
+            let k = std::fs::read(dir.join(format!("{name}.key"))).expect("key");
+            tls = tls.identity(Identity::from_pem(c, k));
+        }
+        Channel::from_shared(self.url.clone())
+            .expect("url")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+    }
+}
+
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// An enrolled agent's state directory.
+pub fn enrolled(c: &Collector, site: &str, dir: &Path) -> PathBuf {
+    let state = dir.join(format!("agent-{site}"));
+    let o = c.enroll(&c.token(site), &state);
+    assert!(
+        o.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    state
+}
+
+pub fn agent_backup(state: &Path, src: &Path) -> Output {
+    Command::new(bin("hubvault-agent"))
+        .args(["backup", "--source", "docs", "--state"])
+        .arg(state)
+        .arg(src)
+        .env_remove("RUST_BACKTRACE")
+        .env("HUBVAULT_LOG", "warn")
+        .output()
+        .expect("running hubvault-agent backup")
+}
+
+pub fn spawn_agent(state: &Path) -> Child {
+    Command::new(bin("hubvault-agent"))
+        .args(["run", "--heartbeat-secs", "1", "--state"])
+        .arg(state)
+        .env_remove("RUST_BACKTRACE")
+        .env("HUBVAULT_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent run")
+}
+
+pub struct KillOnDrop(pub Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
