@@ -208,7 +208,12 @@ fn a_burst_of_10000_creations_is_coalesced_and_exact() {
 
 #[test]
 fn a_queue_overflow_forces_a_rescan_and_stays_exact() {
-    let mut l = Live::start(|src| write_files(src, 10, "seed"), &[], &[]);
+    let mut l = Live::start(
+        // The flood lands in a directory watched from the start.
+        |src| write_files(&src.join("flood"), 10, "seed"),
+        &[],
+        &[],
+    );
     l.wait_exact(Duration::from_secs(60));
     // A stopped agent cannot drain its inotify queue: more events than
     // fs.inotify.max_queued_events overflow it for real.

@@ -336,6 +336,24 @@ impl Catalog {
         Ok(out)
     }
 
+    /// One snapshot by its full id (None if not catalogued): continuous
+    /// backups look up their parent every few seconds, among thousands.
+    pub fn snapshot(&self, id: &Id) -> Result<Option<Snapshot>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT json FROM snapshots WHERE id = ?1")
+            .map_err(cat_err("preparing snapshot lookup"))?;
+        let json: Option<String> = st
+            .query_row([&id.0[..]], |r| r.get(0))
+            .optional()
+            .map_err(cat_err("looking up a snapshot"))?;
+        json.map(|j| {
+            serde_json::from_str(&j)
+                .map_err(|e| Error::corrupt(format!("catalog row of snapshot {id}"), e.to_string()))
+        })
+        .transpose()
+    }
+
     /// All catalogued packs: (name, size, blob count).
     pub fn packs(&self) -> Result<Vec<(Id, u64, u64)>> {
         let mut st = self

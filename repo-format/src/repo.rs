@@ -245,6 +245,11 @@ impl Repository {
 
     /// Resolve a full id or unique hex prefix (or "latest") to a snapshot.
     pub fn find_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
+        if let Some(id) = Id::from_hex(spec)
+            && let Some(s) = self.catalog()?.snapshot(&id)?
+        {
+            return Ok((id, s));
+        }
         let all = self.snapshots()?;
         if spec == "latest" {
             return all
