@@ -79,6 +79,9 @@ pub struct Sources {
     live: Mutex<HashMap<String, Live>>,
     current: Mutex<pb::Sources>,
     client: tokio::sync::Mutex<Option<AgentServiceClient<Channel>>>,
+    /// The agent-wide bucket, shared by every upload (rebuilt when the
+    /// limit or the time zone changes).
+    agent_throttle: Mutex<Option<(Limit, chrono_tz::Tz, Arc<Throttle>)>>,
     spool: tokio::sync::OnceCell<(Arc<Repository>, Arc<Acked>)>,
 }
 
@@ -104,6 +107,7 @@ impl Sources {
             live: Mutex::new(HashMap::new()),
             current: Mutex::new(pb::Sources::default()),
             client: tokio::sync::Mutex::new(None),
+            agent_throttle: Mutex::new(None),
             spool: tokio::sync::OnceCell::new(),
         }))
     }
@@ -270,13 +274,11 @@ impl Sources {
             None => ParentChoice::Auto,
         };
         let tz = self.time_zone();
-        let mut throttles = vec![Throttle::new(self.agent_limit(), tz)];
+        let mut throttles = vec![self.agent_throttle(tz)];
         let own = Limit::from_pb(src.bandwidth.as_ref());
         if own.bytes_per_sec > 0 {
             throttles.push(Throttle::new(own, tz));
         }
-        // The agent-wide bucket must be shared by every upload.
-        throttles[0] = self.shared_agent_throttle(tz);
         let (sent, planned) = self.with_live(&src.name, |l| {
             l.upload = UploadControl::default();
             (l.upload.sent.clone(), l.upload.planned.clone())
@@ -318,10 +320,12 @@ impl Sources {
         Ok(run)
     }
 
-    fn shared_agent_throttle(&self, tz: chrono_tz::Tz) -> Arc<Throttle> {
-        static AGENT: Mutex<Option<(Limit, chrono_tz::Tz, Arc<Throttle>)>> = Mutex::new(None);
+    fn agent_throttle(&self, tz: chrono_tz::Tz) -> Arc<Throttle> {
         let limit = self.agent_limit();
-        let mut g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .agent_throttle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         match g.as_ref() {
             Some((l, z, t)) if *l == limit && *z == tz => t.clone(),
             _ => {

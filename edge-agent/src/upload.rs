@@ -2,7 +2,9 @@
 //!
 //! 1. Walk the snapshot's trees from the root, children before parents,
 //!    skipping any tree the collector already acknowledged (a Merkle tree: an
-//!    acknowledged tree implies its whole subtree was acknowledged before it).
+//!    acknowledged tree implies its whole subtree was acknowledged before it),
+//!    a window of blobs at a time (steps 2-3 run per window: memory is
+//!    bounded by the window, not by the snapshot).
 //! 2. Ask which of those blobs the site lacks, 4096 ids per call.
 //! 3. Stream the lacking blobs' sealed bytes from the spool's packs, in that
 //!    order; record each acknowledgement (durable at the collector) locally,
@@ -54,33 +56,57 @@ pub struct UploadReport {
     pub time_ns: i64,
 }
 
-/// Blobs below `root` not yet acknowledged, children before parents.
-fn pending_blobs(repo: &Repository, acked: &Acked, root: Id) -> Result<Vec<(BlobKind, Id)>> {
-    let mut out = Vec::new();
-    // (tree, children expanded?)
-    let mut stack = vec![(root, false)];
-    let mut seen = std::collections::HashSet::new();
-    while let Some((t, expanded)) = stack.pop() {
-        if expanded {
-            out.push((BlobKind::Tree, t));
-            continue;
+/// Blobs per upload window: the walk, the missing-blobs questions and the
+/// upload stream work on this many at a time, so memory stays bounded by
+/// the window, not by the number of files in the snapshot.
+const WINDOW: usize = 16_384;
+
+/// The blobs below a snapshot's root not yet acknowledged, children before
+/// parents, produced a window at a time. Windows are sent in order, so an
+/// acknowledged tree implies its whole subtree was sent before it.
+struct PendingWalk {
+    /// (tree, children already expanded?)
+    stack: Vec<(Id, bool)>,
+}
+
+impl PendingWalk {
+    fn new(root: Id) -> Self {
+        PendingWalk {
+            stack: vec![(root, false)],
         }
-        if !seen.insert(t) || acked.contains(&t)? {
-            continue;
-        }
-        stack.push((t, true));
-        for e in repo.read_tree(&t)? {
-            if let Some(s) = e.subtree {
-                stack.push((s, false));
+    }
+
+    /// The next window (empty when the walk is done). A blob repeated within
+    /// a window is listed once; one repeated in a later window is found
+    /// acknowledged by then.
+    fn next_window(&mut self, repo: &Repository, acked: &Acked) -> Result<Vec<(BlobKind, Id)>> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while out.len() < WINDOW {
+            let Some((t, expanded)) = self.stack.pop() else {
+                break;
+            };
+            if expanded {
+                out.push((BlobKind::Tree, t));
+                continue;
             }
-            for c in e.chunks {
-                if seen.insert(c) && !acked.contains(&c)? {
-                    out.push((BlobKind::Data, c));
+            if !seen.insert(t) || acked.contains(&t)? {
+                continue;
+            }
+            self.stack.push((t, true));
+            for e in repo.read_tree(&t)? {
+                if let Some(s) = e.subtree {
+                    self.stack.push((s, false));
+                }
+                for c in e.chunks {
+                    if seen.insert(c) && !acked.contains(&c)? {
+                        out.push((BlobKind::Data, c));
+                    }
                 }
             }
         }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// Upload snapshot `snap_id` of `repo` and commit it as `source`.
@@ -93,17 +119,25 @@ pub async fn upload_snapshot(
     control: &UploadControl,
 ) -> Result<UploadReport> {
     let (_, snap) = repo.find_snapshot(&snap_id.to_hex())?;
-    let (r, a) = (repo.clone(), acked.clone());
-    let root = snap.tree;
-    let pending = tokio::task::spawn_blocking(move || pending_blobs(&r, &a, root)).await??;
-    let mut report = UploadReport {
-        candidates: pending.len() as u64,
-        ..Default::default()
-    };
-
-    let (sent, bytes) = send_blobs(client, &repo, &acked, &pending, control).await?;
-    report.sent = sent;
-    report.bytes_sent = bytes;
+    let mut report = UploadReport::default();
+    let mut walk = PendingWalk::new(snap.tree);
+    loop {
+        let (r, a) = (repo.clone(), acked.clone());
+        let (w, window) = tokio::task::spawn_blocking(move || {
+            let window = walk.next_window(&r, &a);
+            (walk, window)
+        })
+        .await?;
+        walk = w;
+        let window = window?;
+        if window.is_empty() {
+            break;
+        }
+        report.candidates += window.len() as u64;
+        let (sent, bytes) = send_blobs(client, &repo, &acked, &window, control).await?;
+        report.sent += sent;
+        report.bytes_sent += bytes;
+    }
 
     let resp = client
         .commit_snapshot(pb::CommitSnapshotRequest {

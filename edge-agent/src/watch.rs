@@ -389,17 +389,17 @@ fn watch_thread(
                 };
                 let still: Vec<PathBuf> =
                     st.sources.values().flat_map(|s| s.roots.clone()).collect();
-                let drop: Vec<PathBuf> = st
+                let unwatch: Vec<PathBuf> = st
                     .watched
                     .iter()
                     .filter(|d| src.contains(d) && !still.iter().any(|r| d.starts_with(r)))
                     .cloned()
                     .collect();
-                for d in &drop {
+                for d in &unwatch {
                     st.watched.remove(d);
                 }
-                drop_lock(st);
-                for d in drop {
+                drop(st);
+                for d in unwatch {
                     let _ = w.unwatch(&d);
                 }
             }
@@ -441,8 +441,6 @@ fn watch_thread(
         }
     }
 }
-
-fn drop_lock<T>(_guard: T) {}
 
 /// Visit `top` and the directories below it (not following symlinks),
 /// depth first; `visit` returns false to skip a directory's children.
@@ -489,7 +487,7 @@ fn watch_tree(w: &mut notify::INotifyWatcher, state: &Mutex<HubState>, name: &st
                 return true;
             }
             if st.limit.is_some_and(|l| st.watched.len() >= l) {
-                drop_lock(st);
+                drop(st);
                 unwatched(state, name, d);
                 return false;
             }
