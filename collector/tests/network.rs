@@ -339,36 +339,11 @@ fn backup_at_one_site_restores_bit_exact_at_another() {
             .any(|a| a["site"] == "lyon" && a["online"] == true)
     });
     let target = tmp.path().join("restored");
-    let job = c.ok(&[
-        "restore",
-        &snap,
-        "--to-agent",
-        &lyon_id,
-        "--target",
-        target.to_str().expect("utf8"),
-    ]);
-    let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "60"]);
-    assert!(
-        o.status.success(),
-        "job failed: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    c.restore_job(&snap, &lyon_id, &target);
     compare::assert_same_tree(&src, &target.join("src"));
 
     // The collector's repository is structurally sound with its metadata key alone.
-    let data = c.dir.path().join("data");
-    let check = Command::new(bin("hubvault"))
-        .args(["repo", "check", "--repo"])
-        .arg(data.join("repo"))
-        .arg("--passphrase-file")
-        .arg(data.join("repo.pass"))
-        .output()
-        .expect("check");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    c.check_repo();
 }
 
 #[test]
@@ -1176,36 +1151,11 @@ fn prune_dry_run_lists_and_prune_forgets() {
         c.agents().first().is_some_and(|a| a["online"] == true)
     });
     let target = tmp.path().join("restored");
-    let job = c.ok(&[
-        "restore",
-        &newest,
-        "--to-agent",
-        &id,
-        "--target",
-        target.to_str().expect("utf8"),
-    ]);
-    let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "60"]);
-    assert!(
-        o.status.success(),
-        "job failed: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    c.restore_job(&newest, &id, &target);
     compare::assert_same_tree(&src, &target.join("src"));
 
     // The repository checks clean: no catalogued snapshot lost its file.
-    let data = c.dir.path().join("data");
-    let check = Command::new(bin("hubvault"))
-        .args(["repo", "check", "--repo"])
-        .arg(data.join("repo"))
-        .arg("--passphrase-file")
-        .arg(data.join("repo.pass"))
-        .output()
-        .expect("check");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    c.check_repo();
 }
 
 #[test]

@@ -111,22 +111,7 @@ impl Live {
     fn restore(&mut self, id: &str) -> PathBuf {
         self.restores += 1;
         let target = self.tmp.path().join(format!("restore-{}", self.restores));
-        let job = self.c.ok(&[
-            "restore",
-            id,
-            "--to-agent",
-            &self.id,
-            "--target",
-            target.to_str().expect("utf8"),
-        ]);
-        let o = self
-            .c
-            .hubvault(&["jobs", "--wait", job.trim(), "--timeout", "120"]);
-        assert!(
-            o.status.success(),
-            "restore job failed: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        self.c.restore_job(id, &self.id, &target);
         target.join("src")
     }
 

@@ -177,6 +177,43 @@ impl Collector {
             .unwrap_or(0)
     }
 
+    /// Restore snapshot `snap` onto agent `agent` into `target` through a
+    /// restore job, and wait for the job to succeed.
+    pub fn restore_job(&self, snap: &str, agent: &str, target: &Path) {
+        let job = self.ok(&[
+            "restore",
+            snap,
+            "--to-agent",
+            agent,
+            "--target",
+            target.to_str().expect("utf8"),
+        ]);
+        let o = self.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "120"]);
+        assert!(
+            o.status.success(),
+            "restore job failed: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+
+    /// `hubvault repo check` of the collector's repository, with the
+    /// collector's (metadata-only) keyring: it must be structurally sound.
+    pub fn check_repo(&self) {
+        let data = self.dir.path().join("data");
+        let check = Command::new(bin("hubvault"))
+            .args(["repo", "check", "--repo"])
+            .arg(data.join("repo"))
+            .arg("--passphrase-file")
+            .arg(data.join("repo.pass"))
+            .output()
+            .expect("check");
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+
     pub fn agents(&self) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.ok(&["agents", "--json"])).expect("agents json")
     }
