@@ -207,23 +207,12 @@ fn a_queue_overflow_forces_a_rescan_and_stays_exact() {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(16384);
-    let pid = l.child().id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    use nix::sys::signal::{Signal, kill};
+    let pid = nix::unistd::Pid::from_raw(l.child().id() as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
     // Each new file raises at least create, modify and close-write.
     write_files(&l.src.join("flood"), max / 2 + 100, "x");
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
     l.wait_exact(Duration::from_secs(120));
     assert!(l.log().contains("inotify queue overflowed"), "{}", l.log());
 }
