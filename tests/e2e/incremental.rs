@@ -27,6 +27,9 @@ enum Op {
     RemoveDir { dir: usize },
     /// Move the n-th directory under directory number `to` (when legal).
     RenameDir { dir: usize, to: usize, name: u8 },
+    /// Remove directory `to` and move directory `dir` onto its name
+    /// (`rm -rf to; mv dir to`): same names below, other directories.
+    RenameOver { dir: usize, to: usize },
     /// chmod the n-th directory.
     ChmodDir { dir: usize },
     /// Set a user xattr on the n-th file.
@@ -49,6 +52,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
             to,
             name
         }),
+        (0..64usize, 0..64usize).prop_map(|(dir, to)| Op::RenameOver { dir, to }),
         (0..64usize).prop_map(|dir| Op::ChmodDir { dir }),
         (0..64usize).prop_map(|file| Op::Xattr { file }),
     ]
@@ -137,6 +141,17 @@ fn apply(root: &Path, op: &Op, seq: usize) -> Vec<PathBuf> {
             }
             std::fs::rename(&from, &dest).expect("rename");
             vec![from, dest]
+        }
+        Op::RenameOver { dir, to } => {
+            let (Some(from), Some(to)) = (pick(&dirs[1..], *dir), pick(&dirs[1..], *to)) else {
+                return Vec::new();
+            };
+            if to.starts_with(&from) || from.starts_with(&to) {
+                return Vec::new();
+            }
+            std::fs::remove_dir_all(&to).expect("rm -r");
+            std::fs::rename(&from, &to).expect("rename over");
+            vec![to, from]
         }
         Op::ChmodDir { dir } => {
             use std::os::unix::fs::PermissionsExt;
@@ -253,4 +268,28 @@ fn clean_directories_are_not_listed() {
         std::fs::read(target.join("src/a/b/new")).expect("read"),
         b"seen"
     );
+}
+
+/// `rm -rf a; mv b a` where both held an (unchanged) subdirectory of the
+/// same name: only the parent is marked dirty, and the new `a/sub` must not
+/// be taken for the old one.
+#[test]
+fn a_directory_moved_over_a_removed_one_is_listed() {
+    let repo = TestRepo::new();
+    let r = repo.open();
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("src");
+    for d in ["a/sub", "b/sub"] {
+        std::fs::create_dir_all(src.join(d)).expect("mkdir");
+    }
+    std::fs::write(src.join("b/sub/file"), b"only in b").expect("write");
+    let first = backup(&r, &src, ParentChoice::None, None);
+    std::fs::remove_dir_all(src.join("a")).expect("rm -r");
+    std::fs::rename(src.join("b"), src.join("a")).expect("mv");
+    let mut dirty = DirtySet::new();
+    dirty.mark_parent_of(&src.join("a"));
+    dirty.mark_parent_of(&src.join("b"));
+    let inc = backup(&r, &src, ParentChoice::Snapshot(first.id), Some(dirty));
+    let full = backup(&r, &src, ParentChoice::None, None);
+    same_snapshot(&inc, &full);
 }

@@ -28,6 +28,17 @@ mod walk;
 
 pub use dirty::DirtySet;
 
+/// The absolute paths a backup of `paths` records (and walks): `.` and `..`
+/// resolved and the parent directory canonicalised, the last component kept
+/// as given. A watcher must watch these same spellings for its dirty set to
+/// match the walk.
+pub fn resolved_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    Ok(walk::resolve_roots(paths)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect())
+}
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

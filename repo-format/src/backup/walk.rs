@@ -320,7 +320,14 @@ impl<'s, 'r> Walker<'s, 'r> {
         let old_subtree = old
             .filter(|o| o.kind == EntryKind::Dir)
             .and_then(|o| o.subtree);
+        // Taken over only if it is the same directory, untouched: a directory
+        // renamed over this name, or recreated, has another inode or ctime
+        // (a rename or an entry change moves the ctime).
+        let same_dir = old.is_some_and(|o| {
+            o.dev == entry.dev && o.ino == entry.ino && o.ctime_ns == entry.ctime_ns
+        });
         if let (Some(dirty), Some(id)) = (self.dirty, old_subtree)
+            && same_dir
             && !dirty.needs_listing(&path)
         {
             // Nothing below changed: take the parent's tree as it was, with
