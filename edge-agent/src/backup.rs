@@ -49,7 +49,7 @@ pub struct RunSpec {
     pub dirty: Option<DirtySet>,
     /// Parent snapshot in the spool.
     pub parent: ParentChoice,
-    /// Upload priority (see [`crate::gate`]).
+    /// Upload priority (see [`crate::gate`]; the gate is taken per upload window).
     pub priority: i32,
     /// Bandwidth limits and progress.
     pub upload: UploadControl,
@@ -92,7 +92,7 @@ pub async fn run(
     .await
 }
 
-/// Back up per `spec` into `repo`, then (holding the upload gate) upload and
+/// Back up per `spec` into `repo`, then (taking the upload gate per window) upload and
 /// commit through `client`.
 pub async fn run_with(
     repo: Arc<Repository>,
@@ -118,12 +118,12 @@ pub async fn run_with(
         out.snapshot.stats.new_bytes_stored,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let _permit = gate.acquire(spec.priority).await;
+    let mut upload = spec.upload;
+    upload.gate = Some((gate.clone(), spec.priority));
     let started = std::time::Instant::now();
-    let upload =
-        crate::upload::upload_snapshot(client, repo, acked, out.id, &spec.source, &spec.upload)
-            .await
-            .context("upload to the collector failed; it resumes where it stopped")?;
+    let upload = crate::upload::upload_snapshot(client, repo, acked, out.id, &spec.source, &upload)
+        .await
+        .context("upload to the collector failed; it resumes where it stopped")?;
     Ok(BackupRun {
         local_id: out.id,
         local: out.snapshot,

@@ -79,10 +79,37 @@ impl PriorityGate {
         };
         if let Some(rx) = rx {
             // The gate is handed over by the previous holder (busy stays true).
-            let _ = rx.await;
+            let mut w = Waiting {
+                rx: Some(rx),
+                inner: self.inner.clone(),
+            };
+            if let Some(rx) = w.rx.as_mut() {
+                let _ = rx.await;
+            }
+            w.rx = None;
         }
         Permit {
             inner: self.inner.clone(),
+        }
+    }
+}
+
+/// A waiter being cancelled after the gate was handed to it must pass the
+/// gate on, or it stays busy forever.
+struct Waiting {
+    rx: Option<oneshot::Receiver<()>>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                drop(Permit {
+                    inner: self.inner.clone(),
+                });
+            }
         }
     }
 }
@@ -127,6 +154,24 @@ mod tests {
             *order.lock().expect("lock"),
             vec!["high", "high2", "mid", "low"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_waiter_cancelled_after_the_hand_over_passes_the_gate_on() {
+        let gate = PriorityGate::new();
+        let held = gate.acquire(0).await;
+        let g = gate.clone();
+        let waiting = tokio::spawn(async move {
+            let _p = g.acquire(5).await;
+        });
+        tokio::task::yield_now().await;
+        // Hand over, then cancel the waiter before it runs (one thread).
+        drop(held);
+        waiting.abort();
+        let _ = waiting.await;
+        let _again = tokio::time::timeout(std::time::Duration::from_secs(5), gate.acquire(0))
+            .await
+            .expect("gate free again");
     }
 
     #[tokio::test]

@@ -83,6 +83,9 @@ pub struct Sources {
     /// limit or the time zone changes).
     agent_throttle: Mutex<Option<(Limit, chrono_tz::Tz, Arc<Throttle>)>>,
     spool: tokio::sync::OnceCell<(Arc<Repository>, Arc<Acked>)>,
+    /// One run at a time per source: a backup-now and a real-time batch of
+    /// the same source must not race for the parent snapshot.
+    run_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn now_ns() -> i64 {
@@ -108,6 +111,7 @@ impl Sources {
             current: Mutex::new(pb::Sources::default()),
             client: tokio::sync::Mutex::new(None),
             agent_throttle: Mutex::new(None),
+            run_locks: Mutex::new(HashMap::new()),
             spool: tokio::sync::OnceCell::new(),
         }))
     }
@@ -266,6 +270,14 @@ impl Sources {
         src: &pb::Source,
         dirty: Option<repo_format::backup::DirtySet>,
     ) -> Result<BackupRun> {
+        let lock = self
+            .run_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(src.name.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock.lock().await;
         let (repo, acked) = self.spool().await?;
         let (h, name) = (self.history.clone(), src.name.clone());
         let rec = tokio::task::spawn_blocking(move || h.get(&name, now_ns())).await??;
@@ -294,6 +306,7 @@ impl Sources {
                 throttles,
                 sent,
                 planned,
+                gate: None,
             },
         };
         let mut client = self.client().await?;
@@ -346,7 +359,10 @@ impl Sources {
                 return;
             }
         };
-        let roots: Vec<PathBuf> = src.paths.iter().map(PathBuf::from).collect();
+        // Watch the same spellings the walker records, or the dirty set
+        // would never match (a symlinked parent, `..`).
+        let given: Vec<PathBuf> = src.paths.iter().map(PathBuf::from).collect();
+        let roots = repo_format::backup::resolved_paths(&given).unwrap_or(given);
         hub.add_source(&name, roots, &src.excludes).await;
         let st = hub.status(&name);
         tracing::info!(source = %name, watched = st.watched, unwatched = st.unwatched, "watching");

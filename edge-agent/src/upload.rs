@@ -39,6 +39,9 @@ pub struct UploadControl {
     pub sent: Arc<std::sync::atomic::AtomicU64>,
     /// Sealed bytes the local backup added, about what the upload will send.
     pub planned: Arc<std::sync::atomic::AtomicU64>,
+    /// The agent's upload gate and this upload's priority: taken per window,
+    /// so a long, throttled upload lets a higher-priority source in between.
+    pub gate: Option<(crate::gate::PriorityGate, i32)>,
 }
 
 /// What an upload did.
@@ -82,12 +85,17 @@ impl PendingWalk {
     fn next_window(&mut self, repo: &Repository, acked: &Acked) -> Result<Vec<(BlobKind, Id)>> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let mut emitted = std::collections::HashSet::new();
         while out.len() < WINDOW {
             let Some((t, expanded)) = self.stack.pop() else {
                 break;
             };
             if expanded {
-                out.push((BlobKind::Tree, t));
+                // An identical directory met again in this window, after the
+                // first was expanded in an earlier one: send it once.
+                if emitted.insert(t) {
+                    out.push((BlobKind::Tree, t));
+                }
                 continue;
             }
             if !seen.insert(t) || acked.contains(&t)? {
@@ -134,6 +142,10 @@ pub async fn upload_snapshot(
             break;
         }
         report.candidates += window.len() as u64;
+        let _permit = match &control.gate {
+            Some((g, priority)) => Some(g.acquire(*priority).await),
+            None => None,
+        };
         let (sent, bytes) = send_blobs(client, &repo, &acked, &window, control).await?;
         report.sent += sent;
         report.bytes_sent += bytes;

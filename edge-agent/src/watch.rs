@@ -322,6 +322,7 @@ fn on_event(state: &Mutex<HubState>, cmds: &mpsc::Sender<Cmd>, res: notify::Resu
                 s.error = Some(e.to_string());
                 s.touch();
             }
+            rewatch_roots(&st, cmds);
             return;
         }
     };
@@ -333,6 +334,9 @@ fn on_event(state: &Mutex<HubState>, cmds: &mpsc::Sender<Cmd>, res: notify::Resu
             s.overflows += 1;
             s.touch();
         }
+        // Directories created during the overflow were never announced:
+        // walk every root again and watch what is not watched yet.
+        rewatch_roots(&st, cmds);
         return;
     }
     let (gone, appeared) = match ev.kind {
@@ -350,7 +354,14 @@ fn on_event(state: &Mutex<HubState>, cmds: &mpsc::Sender<Cmd>, res: notify::Resu
     for p in &ev.paths {
         let mut held = false;
         for s in st.sources.values_mut().filter(|s| s.contains(p)) {
-            s.dirty.mark_parent_of(p);
+            if s.roots.iter().any(|r| r == p) {
+                // The root itself changed (replaced, recreated, attributes):
+                // rescan, and watch it again below.
+                s.full = true;
+                let _ = cmds.send(Cmd::Watch(p.clone()));
+            } else {
+                s.dirty.mark_parent_of(p);
+            }
             s.touch();
             held = true;
         }
@@ -359,6 +370,15 @@ fn on_event(state: &Mutex<HubState>, cmds: &mpsc::Sender<Cmd>, res: notify::Resu
         }
         if held && appeared {
             let _ = cmds.send(Cmd::Watch(p.clone()));
+        }
+    }
+}
+
+/// Ask the watch thread to walk every root and watch what is not watched.
+fn rewatch_roots(st: &HubState, cmds: &mpsc::Sender<Cmd>) {
+    for s in st.sources.values() {
+        for r in &s.roots {
+            let _ = cmds.send(Cmd::Watch(r.clone()));
         }
     }
 }
@@ -378,7 +398,8 @@ fn watch_thread(
                 let roots = s.roots.clone();
                 lock(&state).sources.insert(name.clone(), *s);
                 for r in roots {
-                    watch_tree(&mut w, &state, &name, &r);
+                    // The source starts with a full rescan: no need to mark.
+                    watch_tree(&mut w, &state, &name, &r, false);
                 }
                 let _ = done.send(());
             }
@@ -411,7 +432,7 @@ fn watch_thread(
                     .map(|(n, _)| n.clone())
                     .collect();
                 for n in names {
-                    watch_tree(&mut w, &state, &n, &p);
+                    watch_tree(&mut w, &state, &n, &p, true);
                 }
             }
             Cmd::ScanUnwatched(name, done) => {
@@ -434,7 +455,7 @@ fn watch_thread(
                         s.touch();
                     }
                     // ...and watched if the limit allows now.
-                    watch_tree(&mut w, &state, &name, &top);
+                    watch_tree(&mut w, &state, &name, &top, false);
                 }
                 let _ = done.send(());
             }
@@ -463,9 +484,17 @@ fn each_dir(top: &Path, visit: &mut dyn FnMut(&Path) -> bool) {
 
 /// Watch `top` and every directory below it for source `name`; directories
 /// that cannot be watched (limit) are recorded as unwatched, with their
-/// subtrees. Never holds the state lock while talking to notify (its thread
-/// takes that lock in the callback).
-fn watch_tree(w: &mut notify::INotifyWatcher, state: &Mutex<HubState>, name: &str, top: &Path) {
+/// subtrees. With `mark_new`, every directory that gets a new watch is also
+/// marked dirty: whatever was created in it before the watch existed raised
+/// no event, so the next batch lists it. Never holds the state lock while
+/// talking to notify (its thread takes that lock in the callback).
+fn watch_tree(
+    w: &mut notify::INotifyWatcher,
+    state: &Mutex<HubState>,
+    name: &str,
+    top: &Path,
+    mark_new: bool,
+) {
     let Some((root, excludes)) = lock(state).sources.get(name).and_then(|s| {
         s.roots
             .iter()
@@ -494,7 +523,12 @@ fn watch_tree(w: &mut notify::INotifyWatcher, state: &Mutex<HubState>, name: &st
         }
         match w.watch(d, RecursiveMode::NonRecursive) {
             Ok(()) => {
-                lock(state).watched.insert(d.to_path_buf());
+                let mut st = lock(state);
+                st.watched.insert(d.to_path_buf());
+                if mark_new && let Some(s) = st.sources.get_mut(name) {
+                    s.dirty.mark(d);
+                    s.touch();
+                }
                 true
             }
             Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
