@@ -986,11 +986,11 @@ fn sigterm_mid_upload_shuts_down_cleanly_and_the_agent_resumes() {
         .spawn()
         .expect("backup");
     wait_for("first pack at the collector", || c.pack_count() >= 1);
-    let st = Command::new("kill")
-        .args(["-TERM", &c.child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(st.success());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
     let start = Instant::now();
     let exit = loop {
         if let Some(s) = c.child.try_wait().expect("wait") {
@@ -1007,11 +1007,8 @@ fn sigterm_mid_upload_shuts_down_cleanly_and_the_agent_resumes() {
 
     // Restart: the repository is consistent and nothing partial is visible.
     c.restart();
-    let data = c.dir.path().join("data");
-    let snaps: Vec<serde_json::Value> =
-        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
     assert!(
-        snaps.len() <= 1,
+        c.snapshot_ids().len() <= 1,
         "at most the one snapshot, complete if present"
     );
     let again = agent_backup(&state, &src);
@@ -1020,27 +1017,7 @@ fn sigterm_mid_upload_shuts_down_cleanly_and_the_agent_resumes() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
-    let check = Command::new(bin("hubvault"))
-        .args(["repo", "check", "--repo"])
-        .arg(data.join("repo"))
-        .arg("--passphrase-file")
-        .arg(data.join("repo.pass"))
-        .output()
-        .expect("check");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
-}
-
-fn snapshot_ids(c: &Collector) -> Vec<String> {
-    let snaps: Vec<serde_json::Value> =
-        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("snapshots json");
-    snaps
-        .iter()
-        .map(|s| s["id"].as_str().expect("id").to_string())
-        .collect()
+    c.check_repo();
 }
 
 #[test]
@@ -1074,7 +1051,7 @@ fn prune_dry_run_lists_and_prune_forgets() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    let all = snapshot_ids(&c);
+    let all = c.snapshot_ids();
     assert_eq!(all.len(), 3);
     let newest = all[2].clone();
 
@@ -1108,7 +1085,7 @@ fn prune_dry_run_lists_and_prune_forgets() {
     assert_eq!(kept[0]["reason"], "last 1");
     assert_eq!(d.iter().filter(|d| d["action"] == "forget").count(), 2);
     assert_eq!(dry["forgotten"], 0);
-    assert_eq!(snapshot_ids(&c).len(), 3, "a dry run changes nothing");
+    assert_eq!(c.snapshot_ids().len(), 3, "a dry run changes nothing");
 
     let packs = c.pack_count();
     let o = c.hubvault(&["prune"]);
@@ -1120,7 +1097,7 @@ fn prune_dry_run_lists_and_prune_forgets() {
         "{text}"
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("forgot 2 of 3"));
-    assert_eq!(snapshot_ids(&c), vec![newest.clone()]);
+    assert_eq!(c.snapshot_ids(), vec![newest.clone()]);
     assert_eq!(c.pack_count(), packs, "forgetting never deletes packs");
     let repo = c.dir.path().join("data").join("repo");
     assert_eq!(

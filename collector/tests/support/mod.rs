@@ -214,6 +214,16 @@ impl Collector {
         );
     }
 
+    /// Ids of the collector's snapshots, in `hubvault snapshots` order.
+    pub fn snapshot_ids(&self) -> Vec<String> {
+        let snaps: Vec<serde_json::Value> =
+            serde_json::from_str(&self.ok(&["snapshots", "--json"])).expect("snapshots json");
+        snaps
+            .iter()
+            .map(|s| s["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
     pub fn agents(&self) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.ok(&["agents", "--json"])).expect("agents json")
     }
