@@ -160,8 +160,15 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (tx, rx) = mpsc::channel(4);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
+            // Double-buffered: one batch is made durable (off the runtime)
+            // while the next is received, so the link does not idle during
+            // each pack's fsync. At most two batches per stream are alive;
+            // batches are ingested one after the other, in stream order, so
+            // acknowledgements keep the order the agent sent in.
             let mut batch = Vec::new();
             let mut bytes = 0usize;
+            let mut ingesting: Option<tokio::task::JoinHandle<Result<Vec<Vec<u8>>, ServiceError>>> =
+                None;
             loop {
                 let next = tokio::time::timeout(FLUSH_AFTER, inbound.next()).await;
                 let quiet = next.is_err();
@@ -194,23 +201,25 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                     Ok(None) => true,
                     Err(_) => false, // quiet: flush what we have
                 };
-                if !batch.is_empty() && (done || bytes >= BATCH_BYTES || quiet) {
+                let flush = !batch.is_empty() && (done || bytes >= BATCH_BYTES || quiet);
+                if (flush || done)
+                    && let Some(prev) = ingesting.take()
+                    && !send_ack(&tx, prev).await
+                {
+                    return;
+                }
+                if flush {
                     let b = std::mem::take(&mut batch);
                     bytes = 0;
-                    let site = site.clone();
-                    match ctx.blocking(move |c| ingest::ingest(c, &site, b)).await {
-                        Ok(ids) => {
-                            if tx.send(Ok(pb::UploadAck { ids })).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
-                        }
-                    }
+                    let (site, ctx) = (site.clone(), ctx.clone());
+                    ingesting = Some(tokio::spawn(async move {
+                        ctx.blocking(move |c| ingest::ingest(c, &site, b)).await
+                    }));
                 }
                 if done {
+                    if let Some(last) = ingesting.take() {
+                        send_ack(&tx, last).await;
+                    }
                     return;
                 }
             }
@@ -346,6 +355,25 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             certificate_pem: cert,
             certificate_ttl_secs: crate::pki::AGENT_CERT_TTL.whole_seconds().max(0) as u64,
         }))
+    }
+}
+
+/// Wait for one batch's ingestion and send its acknowledgement (or its
+/// error). Returns false when the stream is over (error sent, or agent gone).
+async fn send_ack(
+    tx: &mpsc::Sender<Result<pb::UploadAck, Status>>,
+    ingesting: tokio::task::JoinHandle<Result<Vec<Vec<u8>>, ServiceError>>,
+) -> bool {
+    let result = match ingesting.await {
+        Ok(r) => r,
+        Err(e) => Err(ServiceError::Internal(format!("ingest task failed: {e}"))),
+    };
+    match result {
+        Ok(ids) => tx.send(Ok(pb::UploadAck { ids })).await.is_ok(),
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            false
+        }
     }
 }
 

@@ -11,26 +11,68 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-/// Path of a workspace binary, building it if this test run did not.
+/// Path of a workspace binary, building it if this test run did not or if
+/// it is older than the sources it is built from (`cargo test -p collector`
+/// builds only the collector's own binary: without this, a stale agent from
+/// an earlier build would be tested).
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let dir = Path::new(env!("CARGO_BIN_EXE_hubvault-collector"))
         .parent()
         .expect("target dir")
         .to_path_buf();
     let p = dir.join(name);
-    if !p.exists() {
-        let pkg = if name == "hubvault" {
-            "admin-cli"
-        } else {
-            "edge-agent"
-        };
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", pkg, "--bin", name])
-            .status()
-            .expect("running cargo build");
+    if name == "hubvault-collector" {
+        return p;
+    }
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.iter().any(|b| b == name) {
+        return p;
+    }
+    let pkg = if name == "hubvault" {
+        "admin-cli"
+    } else {
+        "edge-agent"
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let sources = [pkg, "repo-format", "proto"].map(|d| workspace.join(d));
+    let stale = match std::fs::metadata(&p).and_then(|m| m.modified()) {
+        Ok(t) => sources.iter().any(|d| newest_mtime(d) > Some(t)),
+        Err(_) => true,
+    };
+    if stale {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", pkg, "--bin", name]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("running cargo build");
         assert!(st.success(), "building {name}");
     }
+    built.push(name.to_string());
     p
+}
+
+/// The newest modification time of the files below `dir` (sources only: `target` is not below it).
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if let Ok(t) = m.modified() {
+                newest = newest.max(Some(t));
+            }
+        }
+    }
+    newest
 }
 
 /// A running collector with its data dir; killed on drop.
@@ -74,7 +116,7 @@ pub fn run_collector(data: &Path, listen: &str) -> (Child, String) {
 }
 
 /// The number printed `back` words before `word` in an agent's report line
-/// ("N files, M blobs new to this agent, K sent (B bytes) in S s upload ...").
+/// ("N files, M blobs new to this agent, K sent (B bytes) in S s, ...").
 pub fn number_before<T: std::str::FromStr>(text: &str, word: &str, back: usize) -> T {
     let words: Vec<&str> = text.split_whitespace().collect();
     let at = words
