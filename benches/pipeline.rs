@@ -63,6 +63,8 @@ fn backup_opts(threads: usize) -> BackupOptions {
         progress: None,
         excludes: Vec::new(),
         dirty: None,
+        on_pack: None,
+        stored_elsewhere: None,
     }
 }
 

@@ -1,4 +1,5 @@
-//! One backup run: local backup into the spool, then upload and commit.
+//! One backup run: local backup into the spool, uploading each pack as it is
+//! made durable, then the rest (trees) and the commit.
 //! Used by `hubvault-agent backup`, backup-now jobs, schedules and the
 //! real-time loop (incremental, with a dirty set).
 
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use proto::pb::agent_service_client::AgentServiceClient;
-use repo_format::backup::{BackupOptions, DirtySet, ParentChoice};
+use repo_format::backup::{BackupOptions, DirtySet, ParentChoice, StoredElsewhere};
 use repo_format::snapshot::Snapshot;
 use repo_format::{Id, Repository};
 use tonic::transport::Channel;
@@ -15,7 +16,7 @@ use tonic::transport::Channel;
 use crate::acked::Acked;
 use crate::gate::PriorityGate;
 use crate::state::StateDir;
-use crate::upload::{UploadControl, UploadReport};
+use crate::upload::{EarlyUpload, UploadControl, UploadReport};
 
 /// What a run did.
 #[derive(Debug)]
@@ -26,8 +27,8 @@ pub struct BackupRun {
     pub local: Snapshot,
     /// The upload.
     pub upload: UploadReport,
-    /// Upload wall time in seconds.
-    pub upload_secs: f64,
+    /// Wall time of the local backup and the upload (they overlap), in seconds.
+    pub secs: f64,
 }
 
 impl BackupRun {
@@ -103,31 +104,58 @@ pub async fn run_with(
 ) -> Result<BackupRun> {
     let r = repo.clone();
     let (paths, excludes, dirty, parent) = (spec.paths, spec.excludes, spec.dirty, spec.parent);
+    let mut upload = spec.upload;
+    upload.gate = Some((gate.clone(), spec.priority));
+    let started = std::time::Instant::now();
+    // Upload each pack as the backup makes it durable (see EarlyUpload).
+    let early = EarlyUpload::start(client.clone(), repo.clone(), acked.clone(), upload.clone());
+    let on_pack = early.sink();
+    // Chunks whose spool packs were dropped after upload are not stored again.
+    let a = acked.clone();
+    let stored_elsewhere = StoredElsewhere(Arc::new(move |id| a.contains(id).unwrap_or(false)));
     let out = tokio::task::spawn_blocking(move || {
         let opts = BackupOptions {
             excludes,
             dirty,
             parent,
+            on_pack,
+            stored_elsewhere: Some(stored_elsewhere),
             ..Default::default()
         };
         repo_format::backup::backup(&r, &paths, &opts)
     })
     .await?
     .context("local backup failed")?;
-    spec.upload.planned.store(
+    upload.planned.store(
         out.snapshot.stats.new_bytes_stored,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let mut upload = spec.upload;
-    upload.gate = Some((gate.clone(), spec.priority));
-    let started = std::time::Instant::now();
-    let upload = crate::upload::upload_snapshot(client, repo, acked, out.id, &spec.source, &upload)
-        .await
-        .context("upload to the collector failed; it resumes where it stopped")?;
+    let early = early.finish().await;
+    let mut report = crate::upload::upload_snapshot(
+        client,
+        repo.clone(),
+        acked.clone(),
+        out.id,
+        &spec.source,
+        &upload,
+    )
+    .await
+    .context("upload to the collector failed; it resumes where it stopped")?;
+    report.candidates += early.candidates;
+    report.sent += early.sent;
+    report.bytes_sent += early.bytes_sent;
+    let upload = report;
+    // Committed: what the collector now holds need not stay in the spool.
+    let trimmed = tokio::task::spawn_blocking(move || crate::trim::trim(&repo, &acked)).await?;
+    match trimmed {
+        Ok(t) => tracing::debug!(packs = t.packs, bytes = t.bytes, "spool trimmed"),
+        // Not fatal: the snapshot is committed; the next run trims again.
+        Err(e) => tracing::warn!("trimming the spool failed: {e:#}"),
+    }
     Ok(BackupRun {
         local_id: out.id,
         local: out.snapshot,
         upload,
-        upload_secs: started.elapsed().as_secs_f64(),
+        secs: started.elapsed().as_secs_f64(),
     })
 }

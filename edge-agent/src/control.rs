@@ -238,6 +238,8 @@ async fn restore_job(
     let (repo, _acked) = tokio::task::spawn_blocking(move || st2.spool()).await??;
     let repo = std::sync::Arc::new(repo);
     let mut client = connect(st, collector).await?;
+    // No spool trim while this job counts on what the spool holds.
+    let _in_use = crate::trim::restore_guard().await;
     let pulled = crate::pull::pull_tree(&mut client, repo.clone(), job.job_id, root).await?;
     tracing::info!(job = job.job_id, pulled, "blobs pulled for restore");
     let path = (!job.path.is_empty()).then(|| job.path.clone());

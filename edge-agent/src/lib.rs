@@ -8,8 +8,8 @@
 //!
 //! Why a spool: the agent runs the same tested backup engine as offline
 //! repositories, with local dedup and parent snapshots, and an upload cut at
-//! any point resumes from durable local packs. Its cost is disk at the office
-//! (the spool keeps what it backed up); trimming it is future work.
+//! any point resumes from durable local packs. Once uploaded, data packs are
+//! dropped from it ([`trim`]): it keeps trees and what is not yet uploaded.
 
 pub mod acked;
 pub mod backup;
@@ -22,6 +22,7 @@ pub mod schedule;
 pub mod sources;
 pub mod state;
 pub mod throttle;
+pub mod trim;
 pub mod upload;
 pub mod watch;
 

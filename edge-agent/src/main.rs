@@ -141,13 +141,13 @@ async fn backup(
     }
     let r = &run.upload;
     eprintln!(
-        "{} files, {} blobs new to this agent, {} sent ({} bytes) in {:.2} s upload ({:.1} MB/s)",
+        "{} files, {} blobs new to this agent, {} sent ({} bytes) in {:.2} s, backup and upload ({:.1} MB/s sent)",
         run.local.stats.files,
         r.candidates,
         r.sent,
         r.bytes_sent,
-        run.upload_secs,
-        r.bytes_sent as f64 / run.upload_secs.max(1e-6) / 1e6
+        run.secs,
+        r.bytes_sent as f64 / run.secs.max(1e-6) / 1e6
     );
     if let Some(id) = run.snapshot() {
         println!("{id}");

@@ -7,7 +7,8 @@
 //! ca.pem       the collector's CA
 //! passphrase   unlocks the spool's keyring (0600)
 //! spool/       local repository (same keys and chunking as the collector's):
-//!              backups land here first, restore jobs pull into it
+//!              backups land here first, restore jobs pull into it; data
+//!              packs are dropped once uploaded (see `trim`)
 //! acked.db     ids the collector acknowledged as durable
 //! history.db   per source: last scheduled run, last commit, last local snapshot
 //! sources.pb   the sources and policies last pushed by the collector

@@ -7,8 +7,9 @@
 //!    bounded by the window, not by the snapshot).
 //! 2. Ask which of those blobs the site lacks, 4096 ids per call.
 //! 3. Stream the lacking blobs' sealed bytes from the spool's packs, in that
-//!    order; record each acknowledgement (durable at the collector) locally,
-//!    so a cut transfer resumes without resending anything acknowledged.
+//!    order, on one stream kept open across windows; record each
+//!    acknowledgement (durable at the collector) locally, so a cut transfer
+//!    resumes without resending anything acknowledged.
 //! 4. Commit, with the local snapshot id as idempotency key: a retried commit
 //!    returns the same collector snapshot.
 //!
@@ -117,6 +118,127 @@ impl PendingWalk {
     }
 }
 
+/// Packs queued for [`EarlyUpload`] at most; a pack finished while the queue
+/// is full is left to the final walk, so a slow link never slows the local
+/// backup and the queue never grows with the snapshot.
+const EARLY_QUEUE: usize = 4;
+
+/// Uploads the data blobs of each spool pack as soon as the local backup
+/// made it durable, so the transfer overlaps the backup instead of following
+/// it. Only data blobs go early: a tree is sent by [`upload_snapshot`]'s walk,
+/// after its subtree, which keeps "an acknowledged tree implies its subtree
+/// was acknowledged" true whatever is cut when. Anything not sent early (a
+/// full queue, an error) is found by that walk: this is only a head start.
+pub struct EarlyUpload {
+    tx: Option<mpsc::Sender<Vec<(BlobKind, Id)>>>,
+    task: Option<tokio::task::JoinHandle<EarlyReport>>,
+}
+
+impl EarlyUpload {
+    /// Start the uploading task on `client` (a clone of the run's client).
+    pub fn start(
+        mut client: AgentServiceClient<Channel>,
+        repo: Arc<Repository>,
+        acked: Arc<Acked>,
+        control: UploadControl,
+    ) -> EarlyUpload {
+        let (tx, mut rx) = mpsc::channel::<Vec<(BlobKind, Id)>>(EARLY_QUEUE);
+        let task = tokio::spawn(async move {
+            let mut r = EarlyReport::default();
+            let mut stream: Option<BlobStream> = None;
+            let mut failed = false;
+            while let Some(blobs) = rx.recv().await {
+                r.candidates += blobs.len() as u64;
+                if failed {
+                    continue; // drain; the final walk sends these
+                }
+                let _permit = match &control.gate {
+                    Some((g, priority)) => Some(g.acquire(*priority).await),
+                    None => None,
+                };
+                let step = async {
+                    let lacking = lacking(&mut client, &acked, &blobs).await?;
+                    if lacking.is_empty() {
+                        return Ok(());
+                    }
+                    let s = match stream.as_mut() {
+                        Some(s) => s,
+                        None => stream.insert(BlobStream::open(&mut client, acked.clone()).await?),
+                    };
+                    s.send(&repo, lacking, &control).await
+                };
+                if let Err(e) = step.await {
+                    // Not fatal here: the final upload retries and reports.
+                    tracing::debug!("early upload stopped: {e:#}");
+                    failed = true;
+                }
+            }
+            if let Some(s) = stream {
+                match s.close().await {
+                    Ok((n, b)) => {
+                        r.sent = n;
+                        r.bytes_sent = b;
+                    }
+                    Err(e) => tracing::debug!("early upload stream failed: {e:#}"),
+                }
+            }
+            r
+        });
+        EarlyUpload {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// The hook for [`repo_format::backup::BackupOptions::on_pack`]: queues
+    /// the pack's data blobs without blocking the packer (drops them when full).
+    pub fn sink(&self) -> Option<repo_format::backup::PackSink> {
+        let tx = self.tx.clone()?;
+        Some(repo_format::backup::PackSink(Arc::new(
+            move |_pack, entries| {
+                let data: Vec<(BlobKind, Id)> = entries
+                    .iter()
+                    .filter(|e| e.kind == BlobKind::Data)
+                    .map(|e| (e.kind, e.id))
+                    .collect();
+                if !data.is_empty() {
+                    let _ = tx.try_send(data);
+                }
+            },
+        )))
+    }
+
+    /// Wait until everything queued is sent (call once the backup returned,
+    /// so no sink is left).
+    pub async fn finish(mut self) -> EarlyReport {
+        self.tx = None;
+        match self.task.take() {
+            Some(t) => t.await.unwrap_or_default(),
+            None => EarlyReport::default(),
+        }
+    }
+}
+
+impl Drop for EarlyUpload {
+    /// A run cancelled mid-way (policy change, shutdown) stops its uploads too.
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// What [`EarlyUpload`] did.
+#[derive(Debug, Default)]
+pub struct EarlyReport {
+    /// Data blobs it was handed (new in the spool).
+    pub candidates: u64,
+    /// Blobs it sent (the rest the site held already, or were left to the walk).
+    pub sent: u64,
+    /// Sealed bytes it sent.
+    pub bytes_sent: u64,
+}
+
 /// Upload snapshot `snap_id` of `repo` and commit it as `source`.
 pub async fn upload_snapshot(
     client: &mut AgentServiceClient<Channel>,
@@ -129,6 +251,7 @@ pub async fn upload_snapshot(
     let (_, snap) = repo.find_snapshot(&snap_id.to_hex())?;
     let mut report = UploadReport::default();
     let mut walk = PendingWalk::new(snap.tree);
+    let mut stream: Option<BlobStream> = None;
     loop {
         let (r, a) = (repo.clone(), acked.clone());
         let (w, window) = tokio::task::spawn_blocking(move || {
@@ -146,7 +269,18 @@ pub async fn upload_snapshot(
             Some((g, priority)) => Some(g.acquire(*priority).await),
             None => None,
         };
-        let (sent, bytes) = send_blobs(client, &repo, &acked, &window, control).await?;
+        let lacking = lacking(client, &acked, &window).await?;
+        if lacking.is_empty() {
+            continue;
+        }
+        let s = match stream.as_mut() {
+            Some(s) => s,
+            None => stream.insert(BlobStream::open(client, acked.clone()).await?),
+        };
+        s.send(&repo, lacking, control).await?;
+    }
+    if let Some(s) = stream {
+        let (sent, bytes) = s.close().await?;
         report.sent += sent;
         report.bytes_sent += bytes;
     }
@@ -170,16 +304,13 @@ pub async fn upload_snapshot(
     Ok(report)
 }
 
-/// Ask which of `pending` the site lacks (recording the rest as acknowledged),
-/// stream those from the spool, and record each acknowledgement (durable at
-/// the collector). Returns (blobs sent, sealed bytes sent).
-pub async fn send_blobs(
+/// Ask which of `pending` the site lacks, record the rest as acknowledged,
+/// and return the lacking ones in order.
+async fn lacking(
     client: &mut AgentServiceClient<Channel>,
-    repo: &Arc<Repository>,
     acked: &Arc<Acked>,
     pending: &[(BlobKind, Id)],
-    control: &UploadControl,
-) -> Result<(u64, u64)> {
+) -> Result<Vec<(BlobKind, Id)>> {
     let mut lacking = Vec::new();
     for batch in pending.chunks(MAX_IDS_PER_REQUEST) {
         let ids = batch.iter().map(|(_, id)| id.0.to_vec()).collect();
@@ -204,61 +335,107 @@ pub async fn send_blobs(
         let a = acked.clone();
         tokio::task::spawn_blocking(move || a.insert(&held)).await??;
     }
-    if lacking.is_empty() {
-        return Ok((0, 0));
-    }
-    let (tx, rx) = mpsc::channel::<pb::UploadRequest>(8);
-    let reader_repo = repo.clone();
-    let to_send = lacking.clone();
-    let ctl = control.clone();
-    // Read sealed blobs off the runtime and feed the stream (bounded).
-    let feeder = tokio::task::spawn_blocking(move || -> Result<u64> {
-        let mut bytes = 0u64;
-        for (kind, id) in to_send {
-            let loc = reader_repo
-                .catalog()?
-                .lookup(&id)?
-                .with_context(|| format!("blob {id} missing from the local spool"))?;
-            let mut sealed = vec![0u8; loc.length as usize];
-            reader_repo
-                .store()
-                .read_at(&loc.pack, loc.offset, &mut sealed)?;
-            bytes += sealed.len() as u64;
-            throttle::wait_all(&ctl.throttles, sealed.len() as u64);
-            ctl.sent
-                .fetch_add(sealed.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let msg = pb::UploadRequest {
-                protocol: PROTOCOL,
-                kind: kind as u32,
-                id: id.0.to_vec(),
-                sealed,
-                raw_length: loc.raw_length,
-            };
-            if tx.blocking_send(msg).is_err() {
-                break;
+    Ok(lacking)
+}
+
+/// Messages queued between the spool reader and the upload stream.
+const STREAM_QUEUE: usize = 8;
+
+/// One upload stream, kept open across many batches of blobs so the link
+/// never drains between them: blobs are read from the spool off the runtime
+/// and queued (bounded); acknowledgements (durable at the collector) are
+/// recorded locally as they arrive, by a task of their own.
+struct BlobStream {
+    tx: mpsc::Sender<pb::UploadRequest>,
+    acks: tokio::task::JoinHandle<Result<u64>>,
+    /// Blobs queued so far.
+    queued: u64,
+    /// Sealed bytes queued so far.
+    bytes: u64,
+}
+
+impl BlobStream {
+    /// Open the stream and start recording acknowledgements into `acked`.
+    async fn open(client: &mut AgentServiceClient<Channel>, acked: Arc<Acked>) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<pb::UploadRequest>(STREAM_QUEUE);
+        let mut acks = client
+            .upload(ReceiverStream::new(rx))
+            .await
+            .context("opening the upload stream")?
+            .into_inner();
+        let acks = tokio::spawn(async move {
+            let mut confirmed = 0u64;
+            while let Some(ack) = acks.next().await {
+                let ack = ack.context("upload refused by the collector")?;
+                let ids: Vec<Id> = ack.ids.iter().filter_map(|b| Id::from_slice(b)).collect();
+                confirmed += ids.len() as u64;
+                let a = acked.clone();
+                tokio::task::spawn_blocking(move || a.insert(&ids)).await??;
             }
+            Ok(confirmed)
+        });
+        Ok(BlobStream {
+            tx,
+            acks,
+            queued: 0,
+            bytes: 0,
+        })
+    }
+
+    /// Queue `blobs`' sealed bytes from the spool (under the throttles);
+    /// returns once all are queued, not acknowledged.
+    async fn send(
+        &mut self,
+        repo: &Arc<Repository>,
+        blobs: Vec<(BlobKind, Id)>,
+        control: &UploadControl,
+    ) -> Result<()> {
+        let (repo, tx, ctl) = (repo.clone(), self.tx.clone(), control.clone());
+        let (n, bytes) = tokio::task::spawn_blocking(move || -> Result<(u64, u64)> {
+            let (mut n, mut bytes) = (0u64, 0u64);
+            for (kind, id) in blobs {
+                let loc = repo
+                    .catalog()?
+                    .lookup(&id)?
+                    .with_context(|| format!("blob {id} missing from the local spool"))?;
+                let mut sealed = vec![0u8; loc.length as usize];
+                repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
+                throttle::wait_all(&ctl.throttles, sealed.len() as u64);
+                ctl.sent
+                    .fetch_add(sealed.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                bytes += sealed.len() as u64;
+                n += 1;
+                let msg = pb::UploadRequest {
+                    protocol: PROTOCOL,
+                    kind: kind as u32,
+                    id: id.0.to_vec(),
+                    sealed,
+                    raw_length: loc.raw_length,
+                };
+                if tx.blocking_send(msg).is_err() {
+                    // The stream ended early: close() reports why.
+                    break;
+                }
+            }
+            Ok((n, bytes))
+        })
+        .await??;
+        self.queued += n;
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    /// End the stream and wait for every acknowledgement. Returns (blobs
+    /// sent, sealed bytes sent); an error if any queued blob was not acknowledged.
+    async fn close(self) -> Result<(u64, u64)> {
+        drop(self.tx);
+        let confirmed = self.acks.await??;
+        if confirmed < self.queued {
+            bail!(
+                "the collector acknowledged {confirmed} of {} blobs; run the backup again to resume",
+                self.queued
+            );
         }
-        Ok(bytes)
-    });
-    let mut acks = client
-        .upload(ReceiverStream::new(rx))
-        .await
-        .context("opening the upload stream")?
-        .into_inner();
-    let mut confirmed = 0usize;
-    while let Some(ack) = acks.next().await {
-        let ack = ack.context("upload refused by the collector")?;
-        let ids: Vec<Id> = ack.ids.iter().filter_map(|b| Id::from_slice(b)).collect();
-        confirmed += ids.len();
-        let a = acked.clone();
-        tokio::task::spawn_blocking(move || a.insert(&ids)).await??;
+        Ok((self.queued, self.bytes))
     }
-    let bytes = feeder.await??;
-    if confirmed < lacking.len() {
-        bail!(
-            "the collector acknowledged {confirmed} of {} blobs; run the backup again to resume",
-            lacking.len()
-        );
-    }
-    Ok((lacking.len() as u64, bytes))
 }

@@ -201,6 +201,48 @@ impl Catalog {
         tx.commit().map_err(cat_err("committing pack"))
     }
 
+    /// Remove pack `name` and its blob rows, in one transaction (the pack
+    /// file is the caller's to delete, afterwards).
+    pub fn forget_pack(&mut self, name: &Id) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(cat_err("beginning pack removal"))?;
+        tx.execute(
+            "DELETE FROM blobs WHERE pack_id = (SELECT pack_id FROM packs WHERE name = ?1)",
+            [&name.0[..]],
+        )
+        .map_err(cat_err("removing blob rows"))?;
+        tx.execute("DELETE FROM packs WHERE name = ?1", [&name.0[..]])
+            .map_err(cat_err("removing pack row"))?;
+        tx.commit().map_err(cat_err("committing pack removal"))
+    }
+
+    /// Packs holding only blobs of `kind` (and at least one), by name.
+    pub fn packs_only_of(&self, kind: BlobKind) -> Result<Vec<Id>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT p.name FROM packs p
+                 WHERE EXISTS (SELECT 1 FROM blobs b WHERE b.pack_id = p.pack_id)
+                   AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.pack_id = p.pack_id AND b.kind != ?1)
+                 ORDER BY p.name",
+            )
+            .map_err(cat_err("preparing pack list by kind"))?;
+        let rows = st
+            .query_map([kind as u8], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(cat_err("listing packs by kind"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let n = row.map_err(cat_err("reading pack row"))?;
+            out.push(
+                Id::from_slice(&n)
+                    .ok_or_else(|| Error::corrupt("catalog", "pack name not 32 bytes"))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Where blob `id` is, if catalogued.
     pub fn lookup(&self, id: &Id) -> Result<Option<BlobLocation>> {
         let mut st = self

@@ -297,6 +297,17 @@ impl Repository {
         self.catalog()?.delete_snapshot(id)?;
         Ok(())
     }
+
+    /// Drop pack `name` from this repository: its catalog rows, then its
+    /// file. For an agent's spool, whose uploaded data packs the collector
+    /// now keeps: the caller guarantees no snapshot here still needs the
+    /// pack's blobs read back. The rows go first, so the catalog never
+    /// points at a missing file; a crash in between leaves an unreferenced
+    /// file (harmless: `check` lists it as unreferenced).
+    pub fn drop_pack(&self, name: &Id) -> Result<()> {
+        self.catalog()?.forget_pack(name)?;
+        self.store().remove(name)
+    }
 }
 
 #[cfg(test)]

@@ -37,4 +37,7 @@ pub trait PackStore: Send + Sync {
     fn size(&self, name: &Id) -> Result<u64>;
     /// Names of all stored packs.
     fn list(&self) -> Result<Vec<Id>>;
+    /// Delete pack `name` durably (absent already: fine). Only for packs
+    /// nothing references any more: see [`crate::Repository::drop_pack`].
+    fn remove(&self, name: &Id) -> Result<()>;
 }

@@ -99,6 +99,10 @@ impl PackStore for FaultyStore {
         self.inner.size(name)
     }
 
+    fn remove(&self, name: &Id) -> Result<()> {
+        self.inner.remove(name)
+    }
+
     fn list(&self) -> Result<Vec<Id>> {
         self.inner.list()
     }

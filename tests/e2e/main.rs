@@ -13,6 +13,8 @@
 //!   snapshot a full walk gives.
 //! - [`parent`]: a damaged parent snapshot neither leaks lost data into new
 //!   snapshots nor stops backups.
+//! - [`spool`]: separate tree and data packs, dropped data packs, chunks
+//!   stored elsewhere (what an agent's spool relies on).
 
 mod concurrent;
 mod faults;
@@ -21,3 +23,4 @@ mod incremental;
 mod parent;
 mod rebuild;
 mod roundtrip;
+mod spool;

@@ -137,6 +137,8 @@ pub fn backup_options() -> BackupOptions {
         progress: None,
         excludes: Vec::new(),
         dirty: None,
+        on_pack: None,
+        stored_elsewhere: None,
     }
 }
 

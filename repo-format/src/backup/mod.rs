@@ -48,6 +48,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::pack::PackEntry;
 use crate::repo::Repository;
 use crate::snapshot::{BackupIssue, Snapshot, SnapshotStats};
 
@@ -85,6 +86,37 @@ pub struct Progress {
     pub bytes_stored: AtomicU64,
 }
 
+/// Told about each pack once it is durable (fsynced and catalogued), with
+/// the blobs it holds. The agent uses it to start uploading while the backup
+/// is still running. It runs on the packer thread: it must not block (hand
+/// the entries to another thread; dropping them is allowed, a later full
+/// walk of the snapshot finds whatever was not sent).
+#[derive(Clone)]
+pub struct PackSink(pub Arc<PackHook>);
+
+/// The function inside a [`PackSink`]: (pack name, its blobs).
+pub type PackHook = dyn Fn(Id, &[PackEntry]) + Send + Sync;
+
+impl std::fmt::Debug for PackSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PackSink")
+    }
+}
+
+/// Says whether a data chunk the catalog lacks is stored elsewhere, so the
+/// backup records its id without sealing and storing it. An agent answers
+/// from the set the collector acknowledged: chunks whose spool packs were
+/// dropped after upload are then not sealed and written again each time
+/// they reappear. Errors should answer false (store it: always safe).
+#[derive(Clone)]
+pub struct StoredElsewhere(pub Arc<dyn Fn(&Id) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for StoredElsewhere {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoredElsewhere")
+    }
+}
+
 /// Options of one backup.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -102,6 +134,10 @@ pub struct BackupOptions {
     /// their ancestors, take every other directory from the parent snapshot
     /// unread (see [`DirtySet`]). `None`, or no parent snapshot: walk all.
     pub dirty: Option<DirtySet>,
+    /// Told about each durable pack (see [`PackSink`]).
+    pub on_pack: Option<PackSink>,
+    /// Data chunks stored elsewhere (see [`StoredElsewhere`]).
+    pub stored_elsewhere: Option<StoredElsewhere>,
 }
 
 impl Default for BackupOptions {
@@ -113,6 +149,8 @@ impl Default for BackupOptions {
             progress: None,
             excludes: Vec::new(),
             dirty: None,
+            on_pack: None,
+            stored_elsewhere: None,
         }
     }
 }
@@ -153,6 +191,10 @@ pub(crate) struct Shared<'r> {
     /// look unchanged: they may have been written again within the clock tick
     /// of the parent's read ("racily clean", as git calls it).
     pub(crate) trust_before_ns: i64,
+    /// See [`BackupOptions::on_pack`].
+    pub(crate) on_pack: Option<PackSink>,
+    /// See [`BackupOptions::stored_elsewhere`].
+    pub(crate) stored_elsewhere: Option<StoredElsewhere>,
 }
 
 impl<'r> Shared<'r> {
@@ -171,6 +213,8 @@ impl<'r> Shared<'r> {
             new_bytes: AtomicU64::new(0),
             new_bytes_stored: AtomicU64::new(0),
             trust_before_ns: i64::MAX,
+            on_pack: None,
+            stored_elsewhere: None,
         }
     }
 
@@ -215,6 +259,22 @@ impl<'r> Shared<'r> {
             return Ok(false);
         }
         Ok(lock()?.insert(*id))
+    }
+
+    /// [`Shared::claim`] for a data chunk, which is also not stored when
+    /// [`BackupOptions::stored_elsewhere`] says so.
+    pub(crate) fn claim_data(&self, id: &Id, reader: &Catalog) -> Result<bool> {
+        if let Some(s) = &self.stored_elsewhere {
+            let claimed = self
+                .pending
+                .lock()
+                .map_err(|_| Error::Pipeline("pending set poisoned".into()))?
+                .contains(id);
+            if !claimed && !reader.contains(id)? && (s.0)(id) {
+                return Ok(false);
+            }
+        }
+        self.claim(id, reader)
     }
 
     /// Forget ids that are now catalogued.
@@ -272,6 +332,8 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Res
 
     let progress = opts.progress.clone().unwrap_or_default();
     let mut shared = Shared::new(repo, progress);
+    shared.on_pack = opts.on_pack.clone();
+    shared.stored_elsewhere = opts.stored_elsewhere.clone();
     if let Some(p) = &parent_snap {
         // The parent started at p.time_ns: a file changed within a coarse
         // clock tick (or a small clock step) before that may have been

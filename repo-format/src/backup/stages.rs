@@ -252,7 +252,7 @@ impl FileCtx<'_, '_, '_> {
             .bytes_done
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         entry.chunks.push(id);
-        if !self.shared.claim(&id, self.reader)? {
+        if !self.shared.claim_data(&id, self.reader)? {
             return Ok(());
         }
         if chunk.len() < INLINE_SEAL {
@@ -417,23 +417,33 @@ fn seal_worker(shared: &Shared<'_>, rx: Receiver<RawBlob>, tx: Sender<Vec<Sealed
     }
 }
 
+/// Writes sealed blobs into packs, tree blobs and data blobs in packs of
+/// their own (as restic does): an agent can then drop uploaded data packs
+/// from its spool while keeping every tree, and a reader of metadata never
+/// pulls data packs into its cache.
 fn packer(shared: &Shared<'_>, rx: Receiver<Vec<SealedBlob>>) {
     let repo = shared.repo;
     let target = repo.config().pack_target;
-    let mut writer: Option<PackWriter> = None;
+    // [data, tree]
+    let mut writers: [Option<PackWriter>; 2] = [None, None];
+    let slot = |kind: BlobKind| usize::from(kind == BlobKind::Tree);
     let finish = |w: PackWriter| -> Result<()> {
         let fp = w.finish(repo.store().as_ref(), &repo.keys().metadata)?;
         repo.catalog()?
             .insert_pack(&fp.name, fp.size, &fp.entries)?;
         shared.release(fp.entries.iter().map(|e| e.id));
+        if let Some(sink) = &shared.on_pack {
+            (sink.0)(fp.name, &fp.entries);
+        }
         Ok(())
     };
     for b in rx.into_iter().flatten() {
         if shared.aborted() {
-            writer = None;
+            writers = [None, None];
             continue;
         }
         let step = (|| -> Result<()> {
+            let writer = &mut writers[slot(b.kind)];
             let w = match writer.as_mut() {
                 Some(w) => w,
                 None => writer.insert(PackWriter::new(repo.store().as_ref())?),
@@ -458,14 +468,20 @@ fn packer(shared: &Shared<'_>, rx: Receiver<Vec<SealedBlob>>) {
             Ok(())
         })();
         if let Err(e) = step {
-            writer = None;
+            writers = [None, None];
             shared.fail(e);
         }
     }
-    if let Some(w) = writer.take().filter(|w| !w.is_empty() && !shared.aborted())
-        && let Err(e) = finish(w)
-    {
-        shared.fail(e);
+    // Data first: a tree pack never becomes durable before the data packs
+    // its trees point to (not needed for correctness, the snapshot commits
+    // last, but it keeps an agent's early upload in walk order).
+    for w in writers {
+        if let Some(w) = w.filter(|w| !w.is_empty() && !shared.aborted())
+            && let Err(e) = finish(w)
+        {
+            shared.fail(e);
+            break;
+        }
     }
 }
 

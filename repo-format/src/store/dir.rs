@@ -104,6 +104,18 @@ impl PackStore for DirStore {
             .len())
     }
 
+    fn remove(&self, name: &Id) -> Result<()> {
+        if let Ok(mut h) = self.handles.lock() {
+            h.remove(name);
+        }
+        let p = self.path_of(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => fsutil::sync_dir(p.parent().unwrap_or(&self.packs)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing pack", &p, e)),
+        }
+    }
+
     fn list(&self) -> Result<Vec<Id>> {
         let mut out = Vec::new();
         for i in 0..=255u8 {

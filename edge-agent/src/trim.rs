@@ -1,0 +1,74 @@
+//! Keeping the spool small: once the collector holds a data pack's every
+//! blob (all in the acknowledged set), the pack is dropped from the spool.
+//! Tree packs stay (the packer keeps trees and data in separate packs): the
+//! next backup reads its parent's trees, and the upload walks them.
+//!
+//! What a dropped chunk costs later:
+//! - backup: nothing. A chunk the spool's catalog lacks but the acknowledged
+//!   set has is recorded without being sealed or stored again
+//!   ([`repo_format::backup::StoredElsewhere`]), and never sent again;
+//! - restore jobs: it is pulled from the collector like any chunk the agent
+//!   lacks. Jobs hold [`restore_guard`] while they pull and restore, and a
+//!   trim skips its turn while any job holds it, so a job never loses a
+//!   chunk it counted on.
+//!
+//! So the spool holds trees, and data only until it is uploaded: the
+//! office's disk pays for the backup once, not twice.
+
+use tokio::sync::{RwLock, RwLockReadGuard};
+
+use anyhow::Result;
+use repo_format::Repository;
+use repo_format::blob::BlobKind;
+
+use crate::acked::Acked;
+
+/// Held (shared) by restore jobs, taken (exclusive, without waiting) by a trim.
+static SPOOL_USE: RwLock<()> = RwLock::const_new(());
+
+/// Held by a restore job from its pull until its last file is written.
+pub async fn restore_guard() -> RwLockReadGuard<'static, ()> {
+    SPOOL_USE.read().await
+}
+
+/// What a trim did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrimReport {
+    /// Data packs dropped.
+    pub packs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// True when a restore job was running and nothing was tried.
+    pub skipped: bool,
+}
+
+/// Drop every data pack of `repo` whose blobs are all acknowledged.
+/// Blocking (SQLite, file removal): call from a blocking thread.
+pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
+    let Ok(_exclusive) = SPOOL_USE.try_write() else {
+        return Ok(TrimReport {
+            skipped: true,
+            ..TrimReport::default()
+        });
+    };
+    let mut report = TrimReport::default();
+    let packs = repo.catalog()?.packs_only_of(BlobKind::Data)?;
+    for name in packs {
+        let blobs = repo.catalog()?.blobs_in_pack(&name)?;
+        let mut uploaded = true;
+        for b in &blobs {
+            if !acked.contains(&b.id)? {
+                uploaded = false;
+                break;
+            }
+        }
+        if !uploaded {
+            continue;
+        }
+        let size = repo.store().size(&name).unwrap_or(0);
+        repo.drop_pack(&name)?;
+        report.packs += 1;
+        report.bytes += size;
+    }
+    Ok(report)
+}
