@@ -70,8 +70,12 @@ pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>
     let mut writer: Option<PackWriter> = None;
     let mut written: Vec<Incoming> = Vec::new();
     let mut seen = HashSet::new();
+    // A blob sent twice in one batch is acknowledged twice, once its first
+    // copy is durable (the agent counts acknowledgements).
+    let mut repeated = Vec::new();
     for (b, held) in batch.into_iter().zip(held) {
         if !seen.insert(b.id) {
+            repeated.push(b.id.0.to_vec());
             continue;
         }
         if b.kind == BlobKind::Tree {
@@ -114,6 +118,7 @@ pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>
     }
     ctx.state.add_site_blobs(site, &now_held)?;
     acked.extend(now_held);
+    acked.extend(repeated);
     Ok(acked)
 }
 

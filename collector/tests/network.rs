@@ -1334,3 +1334,40 @@ fn uploaded_data_leaves_the_spool_and_restores_still_work() {
     c.restore_job(&snap, &id, &target);
     compare::assert_same_tree(&src, &target.join("src"));
 }
+
+#[test]
+fn a_blob_sent_twice_in_one_stream_is_acknowledged_twice_and_stored_once() {
+    let c = Collector::start();
+    c.ok(&["site", "add", "caen"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = enrolled(&c, "caen", tmp.path());
+    let packs_before = c.pack_count();
+    rt().block_on(async {
+        let ch = c
+            .channel(Some((&state, "agent")))
+            .await
+            .expect("connects");
+        let mut a = pb::agent_service_client::AgentServiceClient::new(ch);
+        // Data blobs are opaque to the collector (content-blind): any sealed
+        // bytes of a plausible length are stored as they are.
+        let blob = |n: u8| pb::UploadRequest {
+            protocol: PROTOCOL,
+            kind: 0,
+            id: vec![n; 32],
+            sealed: vec![n; 64],
+            raw_length: 40,
+        };
+        let sent = vec![blob(1), blob(2), blob(1), blob(1)];
+        let resp = a
+            .upload(tokio_stream::iter(sent))
+            .await
+            .expect("upload")
+            .into_inner();
+        use tokio_stream::StreamExt;
+        let acks: Vec<pb::UploadAck> = resp.map(|r| r.expect("ack")).collect().await;
+        let ids: Vec<Vec<u8>> = acks.into_iter().flat_map(|a| a.ids).collect();
+        assert_eq!(ids.len(), 4, "every copy is acknowledged: {ids:?}");
+        assert_eq!(ids.iter().filter(|i| i[0] == 1).count(), 3);
+    });
+    assert_eq!(c.pack_count(), packs_before + 1, "stored once, in one pack");
+}

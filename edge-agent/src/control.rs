@@ -239,7 +239,7 @@ async fn restore_job(
     let repo = std::sync::Arc::new(repo);
     let mut client = connect(st, collector).await?;
     // No spool trim while this job counts on what the spool holds.
-    let _in_use = crate::trim::restore_guard().await;
+    let _in_use = crate::trim::restore_guard(repo.root()).await?;
     let pulled = crate::pull::pull_tree(&mut client, repo.clone(), job.job_id, root).await?;
     tracing::info!(job = job.job_id, pulled, "blobs pulled for restore");
     let path = (!job.path.is_empty()).then(|| job.path.clone());

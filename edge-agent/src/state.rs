@@ -10,6 +10,7 @@
 //!              backups land here first, restore jobs pull into it; data
 //!              packs are dropped once uploaded (see `trim`)
 //! acked.db     ids the collector acknowledged as durable
+//! spool-use.lock  held shared by restore jobs, exclusive by a spool trim
 //! history.db   per source: last scheduled run, last commit, last local snapshot
 //! sources.pb   the sources and policies last pushed by the collector
 //! ```

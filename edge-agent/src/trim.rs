@@ -8,27 +8,53 @@
 //!   set has is recorded without being sealed or stored again
 //!   ([`repo_format::backup::StoredElsewhere`]), and never sent again;
 //! - restore jobs: it is pulled from the collector like any chunk the agent
-//!   lacks. Jobs hold [`restore_guard`] while they pull and restore, and a
-//!   trim skips its turn while any job holds it, so a job never loses a
-//!   chunk it counted on.
+//!   lacks. Jobs hold [`restore_guard`] (a file lock) while they pull and
+//!   restore, and a trim skips its turn while any job holds it, so a job
+//!   never loses a chunk it counted on;
+//! - uploads of other sources running meanwhile: a blob they were about to
+//!   send may be dropped under them; they skip it, as it is acknowledged
+//!   (see `upload::BlobStream::send`).
 //!
 //! So the spool holds trees, and data only until it is uploaded: the
 //! office's disk pays for the backup once, not twice.
 
-use tokio::sync::{RwLock, RwLockReadGuard};
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use repo_format::Repository;
 use repo_format::blob::BlobKind;
 
 use crate::acked::Acked;
 
-/// Held (shared) by restore jobs, taken (exclusive, without waiting) by a trim.
-static SPOOL_USE: RwLock<()> = RwLock::const_new(());
+/// The lock file beside the spool (`<state>/spool-use.lock`): restore jobs
+/// hold it shared, a trim takes it exclusive without waiting. A file lock,
+/// so it also holds between the daemon and a `hubvault-agent backup` run.
+pub fn lock_path(spool_root: &Path) -> PathBuf {
+    spool_root.with_file_name("spool-use.lock")
+}
 
-/// Held by a restore job from its pull until its last file is written.
-pub async fn restore_guard() -> RwLockReadGuard<'static, ()> {
-    SPOOL_USE.read().await
+fn open_lock(spool_root: &Path) -> Result<File> {
+    let p = lock_path(spool_root);
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("opening {}", p.display()))
+}
+
+/// Held by a restore job from its pull until its last file is written
+/// (released when dropped). Waits while a trim runs.
+pub async fn restore_guard(spool_root: &Path) -> Result<File> {
+    let root = spool_root.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<File> {
+        let f = open_lock(&root)?;
+        f.lock_shared()
+            .with_context(|| format!("locking {}", lock_path(&root).display()))?;
+        Ok(f)
+    })
+    .await?
 }
 
 /// What a trim did.
@@ -45,12 +71,13 @@ pub struct TrimReport {
 /// Drop every data pack of `repo` whose blobs are all acknowledged.
 /// Blocking (SQLite, file removal): call from a blocking thread.
 pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
-    let Ok(_exclusive) = SPOOL_USE.try_write() else {
+    let lock = open_lock(repo.root())?;
+    if lock.try_lock().is_err() {
         return Ok(TrimReport {
             skipped: true,
             ..TrimReport::default()
         });
-    };
+    }
     let mut report = TrimReport::default();
     let packs = repo.catalog()?.packs_only_of(BlobKind::Data)?;
     for name in packs {

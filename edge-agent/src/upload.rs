@@ -81,8 +81,9 @@ impl PendingWalk {
     }
 
     /// The next window (empty when the walk is done). A blob repeated within
-    /// a window is listed once; one repeated in a later window is found
-    /// acknowledged by then.
+    /// a window is listed once; one repeated in a later window is either
+    /// acknowledged by then or still in flight on the stream, which does not
+    /// send it twice (see [`BlobStream`]).
     fn next_window(&mut self, repo: &Repository, acked: &Acked) -> Result<Vec<(BlobKind, Id)>> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -345,9 +346,19 @@ const STREAM_QUEUE: usize = 8;
 /// never drains between them: blobs are read from the spool off the runtime
 /// and queued (bounded); acknowledgements (durable at the collector) are
 /// recorded locally as they arrive, by a task of their own.
+///
+/// Blobs sent and not yet acknowledged are tracked (bounded by what is in
+/// flight): a blob met again meanwhile (a later window, another pack) is not
+/// sent twice, and `close` checks that every one was acknowledged.
 struct BlobStream {
     tx: mpsc::Sender<pb::UploadRequest>,
-    acks: tokio::task::JoinHandle<Result<u64>>,
+    acks: tokio::task::JoinHandle<Result<()>>,
+    /// Sent, not yet acknowledged.
+    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<Id>>>,
+    /// Set when the acknowledgement task ends (stream over, or it failed):
+    /// the sender stops instead of queueing into a stream nobody reads.
+    ended: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<Acked>,
     /// Blobs queued so far.
     queued: u64,
     /// Sealed bytes queued so far.
@@ -363,20 +374,39 @@ impl BlobStream {
             .await
             .context("opening the upload stream")?
             .into_inner();
+        let in_flight = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, f, e) = (acked.clone(), in_flight.clone(), ended.clone());
         let acks = tokio::spawn(async move {
-            let mut confirmed = 0u64;
-            while let Some(ack) = acks.next().await {
-                let ack = ack.context("upload refused by the collector")?;
-                let ids: Vec<Id> = ack.ids.iter().filter_map(|b| Id::from_slice(b)).collect();
-                confirmed += ids.len() as u64;
-                let a = acked.clone();
-                tokio::task::spawn_blocking(move || a.insert(&ids)).await??;
+            let r = async {
+                while let Some(ack) = acks.next().await {
+                    let ack = ack.context("upload refused by the collector")?;
+                    let ids: Vec<Id> = ack.ids.iter().filter_map(|b| Id::from_slice(b)).collect();
+                    let (a, f) = (a.clone(), f.clone());
+                    tokio::task::spawn_blocking(move || -> Result<()> {
+                        a.insert(&ids)?;
+                        let mut f = f
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?;
+                        for id in &ids {
+                            f.remove(id);
+                        }
+                        Ok(())
+                    })
+                    .await??;
+                }
+                Ok(())
             }
-            Ok(confirmed)
+            .await;
+            e.store(true, std::sync::atomic::Ordering::Release);
+            r
         });
         Ok(BlobStream {
             tx,
             acks,
+            in_flight,
+            ended,
+            acked,
             queued: 0,
             bytes: 0,
         })
@@ -391,15 +421,45 @@ impl BlobStream {
         control: &UploadControl,
     ) -> Result<()> {
         let (repo, tx, ctl) = (repo.clone(), self.tx.clone(), control.clone());
+        let (in_flight, ended, acked) = (
+            self.in_flight.clone(),
+            self.ended.clone(),
+            self.acked.clone(),
+        );
         let (n, bytes) = tokio::task::spawn_blocking(move || -> Result<(u64, u64)> {
             let (mut n, mut bytes) = (0u64, 0u64);
             for (kind, id) in blobs {
-                let loc = repo
-                    .catalog()?
-                    .lookup(&id)?
-                    .with_context(|| format!("blob {id} missing from the local spool"))?;
-                let mut sealed = vec![0u8; loc.length as usize];
-                repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
+                if ended.load(std::sync::atomic::Ordering::Acquire) {
+                    break; // close() says why
+                }
+                let fresh = in_flight
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?
+                    .insert(id);
+                if !fresh {
+                    continue; // sent already on this stream, acknowledgement pending
+                }
+                let read = repo.catalog().and_then(|c| c.lookup(&id)).and_then(|loc| {
+                    let Some(loc) = loc else { return Ok(None) };
+                    let mut sealed = vec![0u8; loc.length as usize];
+                    repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
+                    Ok(Some((loc, sealed)))
+                });
+                let (loc, sealed) = match read {
+                    Ok(Some(found)) => found,
+                    // Dropped from the spool meanwhile by a trim after another
+                    // source's upload: the collector holds it, nothing to send.
+                    _ if acked.contains(&id)? => {
+                        if let Ok(mut f) = in_flight.lock() {
+                            f.remove(&id);
+                        }
+                        continue;
+                    }
+                    Ok(None) => bail!("blob {id} missing from the local spool"),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("reading blob {id} from the spool"));
+                    }
+                };
                 throttle::wait_all(&ctl.throttles, sealed.len() as u64);
                 ctl.sent
                     .fetch_add(sealed.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -426,13 +486,18 @@ impl BlobStream {
     }
 
     /// End the stream and wait for every acknowledgement. Returns (blobs
-    /// sent, sealed bytes sent); an error if any queued blob was not acknowledged.
+    /// sent, sealed bytes sent); an error if any sent blob was not acknowledged.
     async fn close(self) -> Result<(u64, u64)> {
         drop(self.tx);
-        let confirmed = self.acks.await??;
-        if confirmed < self.queued {
+        self.acks.await??;
+        let left = self
+            .in_flight
+            .lock()
+            .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?
+            .len();
+        if left > 0 {
             bail!(
-                "the collector acknowledged {confirmed} of {} blobs; run the backup again to resume",
+                "the collector did not acknowledge {left} of {} blobs; run the backup again to resume",
                 self.queued
             );
         }

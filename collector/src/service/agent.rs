@@ -202,7 +202,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                     Err(_) => false, // quiet: flush what we have
                 };
                 let flush = !batch.is_empty() && (done || bytes >= BATCH_BYTES || quiet);
-                if (flush || done)
+                // A batch made durable is acknowledged at once (at the latest
+                // one quiet period later), not only when the next one is due.
+                let ready = ingesting.as_ref().is_some_and(|h| h.is_finished());
+                if (flush || done || ready)
                     && let Some(prev) = ingesting.take()
                     && !send_ack(&tx, prev).await
                 {

@@ -472,9 +472,9 @@ fn packer(shared: &Shared<'_>, rx: Receiver<Vec<SealedBlob>>) {
             shared.fail(e);
         }
     }
-    // Data first: a tree pack never becomes durable before the data packs
-    // its trees point to (not needed for correctness, the snapshot commits
-    // last, but it keeps an agent's early upload in walk order).
+    // The last data pack before the last tree pack (mid-run, a tree pack may
+    // fill before the data its trees point to; harmless: the snapshot
+    // commits last, and an agent uploads trees only after their subtrees).
     for w in writers {
         if let Some(w) = w.filter(|w| !w.is_empty() && !shared.aborted())
             && let Err(e) = finish(w)
