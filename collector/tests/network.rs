@@ -1343,10 +1343,7 @@ fn a_blob_sent_twice_in_one_stream_is_acknowledged_twice_and_stored_once() {
     let state = enrolled(&c, "caen", tmp.path());
     let packs_before = c.pack_count();
     rt().block_on(async {
-        let ch = c
-            .channel(Some((&state, "agent")))
-            .await
-            .expect("connects");
+        let ch = c.channel(Some((&state, "agent"))).await.expect("connects");
         let mut a = pb::agent_service_client::AgentServiceClient::new(ch);
         // Data blobs are opaque to the collector (content-blind): any sealed
         // bytes of a plausible length are stored as they are.
