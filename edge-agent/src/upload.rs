@@ -157,17 +157,7 @@ impl EarlyUpload {
                     Some((g, priority)) => Some(g.acquire(*priority).await),
                     None => None,
                 };
-                let step = async {
-                    let lacking = lacking(&mut client, &acked, &blobs).await?;
-                    if lacking.is_empty() {
-                        return Ok(());
-                    }
-                    let s = match stream.as_mut() {
-                        Some(s) => s,
-                        None => stream.insert(BlobStream::open(&mut client, acked.clone()).await?),
-                    };
-                    s.send(&repo, lacking, &control).await
-                };
+                let step = queue_lacking(&mut stream, &mut client, &repo, &acked, &blobs, &control);
                 if let Err(e) = step.await {
                     // Not fatal here: the final upload retries and reports.
                     tracing::debug!("early upload stopped: {e:#}");
@@ -270,15 +260,7 @@ pub async fn upload_snapshot(
             Some((g, priority)) => Some(g.acquire(*priority).await),
             None => None,
         };
-        let lacking = lacking(client, &acked, &window).await?;
-        if lacking.is_empty() {
-            continue;
-        }
-        let s = match stream.as_mut() {
-            Some(s) => s,
-            None => stream.insert(BlobStream::open(client, acked.clone()).await?),
-        };
-        s.send(&repo, lacking, control).await?;
+        queue_lacking(&mut stream, client, &repo, &acked, &window, control).await?;
     }
     if let Some(s) = stream {
         let (sent, bytes) = s.close().await?;
@@ -337,6 +319,27 @@ async fn lacking(
         tokio::task::spawn_blocking(move || a.insert(&held)).await??;
     }
     Ok(lacking)
+}
+
+/// Ask which of `blobs` the site lacks and queue those on `stream`, opening
+/// it on first need (one stream serves a whole run).
+async fn queue_lacking(
+    stream: &mut Option<BlobStream>,
+    client: &mut AgentServiceClient<Channel>,
+    repo: &Arc<Repository>,
+    acked: &Arc<Acked>,
+    blobs: &[(BlobKind, Id)],
+    control: &UploadControl,
+) -> Result<()> {
+    let lacking = lacking(client, acked, blobs).await?;
+    if lacking.is_empty() {
+        return Ok(());
+    }
+    let s = match stream {
+        Some(s) => s,
+        None => stream.insert(BlobStream::open(client, acked.clone()).await?),
+    };
+    s.send(repo, lacking, control).await
 }
 
 /// Messages queued between the spool reader and the upload stream.
