@@ -325,19 +325,7 @@ fn backup_at_one_site_restores_bit_exact_at_another() {
     assert!(c.ok(&["status"]).contains("paris"));
 
     let _agent = KillOnDrop(spawn_agent(&lyon));
-    let lyon_id = c
-        .agents()
-        .into_iter()
-        .find(|a| a["site"] == "lyon")
-        .expect("lyon")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    wait_for("lyon online", || {
-        c.agents()
-            .iter()
-            .any(|a| a["site"] == "lyon" && a["online"] == true)
-    });
+    let lyon_id = c.online_agent("lyon");
     let target = tmp.path().join("restored");
     c.restore_job(&snap, &lyon_id, &target);
     compare::assert_same_tree(&src, &target.join("src"));
@@ -1316,19 +1304,7 @@ fn uploaded_data_leaves_the_spool_and_restores_still_work() {
 
     // The agent restores its own latest snapshot, pulling what it dropped.
     let _agent = KillOnDrop(spawn_agent(&state));
-    let id = c
-        .agents()
-        .into_iter()
-        .find(|a| a["site"] == "rouen")
-        .expect("rouen")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    wait_for("rouen online", || {
-        c.agents()
-            .iter()
-            .any(|a| a["site"] == "rouen" && a["online"] == true)
-    });
+    let id = c.online_agent("rouen");
     let snap = c.snapshot_ids().last().expect("snapshots").clone(); // oldest first
     let target = tmp.path().join("restored");
     c.restore_job(&snap, &id, &target);

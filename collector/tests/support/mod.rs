@@ -270,6 +270,20 @@ impl Collector {
         serde_json::from_str(&self.ok(&["agents", "--json"])).expect("agents json")
     }
 
+    /// The id of `site`'s agent, once the collector shows it online.
+    pub fn online_agent(&self, site: &str) -> String {
+        wait_for(&format!("{site} online"), || {
+            self.agents()
+                .iter()
+                .any(|a| a["site"] == site && a["online"] == true)
+        });
+        self.agents()
+            .into_iter()
+            .find(|a| a["site"] == site)
+            .and_then(|a| a["id"].as_str().map(String::from))
+            .unwrap_or_else(|| panic!("no agent of site {site}"))
+    }
+
     /// A TLS channel with an optional client identity from `dir` (`<name>.pem`/`.key`).
     pub async fn channel(
         &self,
