@@ -35,11 +35,23 @@ impl BlobKind {
 const FLAG_STORED: u8 = 0;
 const FLAG_ZSTD: u8 = 1;
 
-/// Seals blobs with reusable zstd contexts (creating one per blob costs more
-/// than compressing a small file).
+/// Seals blobs with reusable zstd contexts and buffers: creating a context
+/// per blob costs more than compressing a small file, and a fresh
+/// megabyte-sized buffer per chunk costs page faults on every use.
 pub struct Sealer {
     zstd: zstd::bulk::Compressor<'static>,
     unzstd: zstd::bulk::Decompressor<'static>,
+    /// Compressor output, reused.
+    packed: Vec<u8>,
+    /// The read-back check's decrypted copy and decompressed output, reused.
+    check: Scratch,
+}
+
+/// Buffers [`open_into`] works in, kept between blobs.
+#[derive(Default)]
+struct Scratch {
+    framed: Vec<u8>,
+    plain: Vec<u8>,
 }
 
 impl Sealer {
@@ -49,7 +61,12 @@ impl Sealer {
             .map_err(|e| Error::Pipeline(format!("zstd init at level {level}: {e}")))?;
         let unzstd = zstd::bulk::Decompressor::new()
             .map_err(|e| Error::Pipeline(format!("zstd decompressor init: {e}")))?;
-        Ok(Sealer { zstd, unzstd })
+        Ok(Sealer {
+            zstd,
+            unzstd,
+            packed: Vec::new(),
+            check: Scratch::default(),
+        })
     }
 
     /// Compress (where it helps) and encrypt `plain`, whose id is `id`.
@@ -60,18 +77,21 @@ impl Sealer {
         id: &Id,
         plain: &[u8],
     ) -> Result<Vec<u8>> {
-        let compressed = self
+        self.packed.clear();
+        self.packed
+            .reserve(zstd::zstd_safe::compress_bound(plain.len()));
+        let n = self
             .zstd
-            .compress(plain)
+            .compress_to_buffer(plain, &mut self.packed)
             .map_err(|e| Error::Pipeline(format!("zstd compress of blob {id}: {e}")))?;
-        let mut framed = Vec::with_capacity(plain.len().min(compressed.len()) + 1 + 16);
-        if compressed.len() < plain.len() {
-            framed.push(FLAG_ZSTD);
-            framed.extend_from_slice(&compressed);
+        let (flag, payload) = if n < plain.len() {
+            (FLAG_ZSTD, &self.packed[..n])
         } else {
-            framed.push(FLAG_STORED);
-            framed.extend_from_slice(plain);
-        }
+            (FLAG_STORED, plain)
+        };
+        let mut framed = Vec::with_capacity(payload.len() + crate::consts::SEAL_OVERHEAD);
+        framed.push(flag);
+        framed.extend_from_slice(payload);
         keys.seal_blob_in_place(kind as u8, id, &mut framed)?;
         Ok(framed)
     }
@@ -86,7 +106,9 @@ impl Sealer {
         plain: &[u8],
     ) -> Result<Vec<u8>> {
         let sealed = self.seal(keys, kind, id, plain)?;
-        let back = open_unverified(keys, kind, id, &sealed, Some(&mut self.unzstd))?;
+        self.check.framed.clear();
+        self.check.framed.extend_from_slice(&sealed);
+        let back = open_into(keys, kind, id, &mut self.unzstd, &mut self.check)?;
         if back != plain {
             return Err(Error::Pipeline(format!(
                 "blob {id} did not open to its plaintext after sealing (codec fault); not stored"
@@ -96,9 +118,11 @@ impl Sealer {
     }
 }
 
-/// Opens blobs with a reusable zstd context (restore and check open many).
+/// Opens blobs with a reusable zstd context and buffers (restore and check
+/// open many).
 pub struct Opener {
     unzstd: zstd::bulk::Decompressor<'static>,
+    scratch: Scratch,
 }
 
 impl Opener {
@@ -106,7 +130,29 @@ impl Opener {
     pub fn new() -> Result<Self> {
         let unzstd = zstd::bulk::Decompressor::new()
             .map_err(|e| Error::Pipeline(format!("zstd decompressor init: {e}")))?;
-        Ok(Opener { unzstd })
+        Ok(Opener {
+            unzstd,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// A buffer to read the next sealed blob into: give it back to
+    /// [`Opener::open_buffer`], which decrypts it where it lies.
+    pub fn buffer(&mut self, len: usize) -> &mut [u8] {
+        self.scratch.framed.clear();
+        self.scratch.framed.resize(len, 0);
+        &mut self.scratch.framed
+    }
+
+    /// Open the sealed blob last read into [`Opener::buffer`] and check its
+    /// id; the plaintext is borrowed until the next call.
+    pub fn open_buffer(&mut self, keys: &KeySet, kind: BlobKind, id: &Id) -> Result<&[u8]> {
+        let plain = open_into(keys, kind, id, &mut self.unzstd, &mut self.scratch)?;
+        let actual = keys.id_of(plain);
+        if actual != *id {
+            return Err(Error::IdMismatch { id: *id, actual });
+        }
+        Ok(plain)
     }
 
     /// [`open`] with this opener's context.
@@ -117,32 +163,29 @@ impl Opener {
         id: &Id,
         sealed: &[u8],
     ) -> Result<Vec<u8>> {
-        let plain = open_unverified(keys, kind, id, sealed, Some(&mut self.unzstd))?;
-        check_id(keys, id, plain)
+        self.buffer(sealed.len()).copy_from_slice(sealed);
+        self.open_buffer(keys, kind, id).map(<[u8]>::to_vec)
     }
 }
 
-/// Decrypt and decompress without checking the id (the caller compares).
-fn open_unverified(
+/// Decrypt `s.framed` in place and decompress if needed, without checking
+/// the id (the caller compares); the plaintext lies in `s`.
+fn open_into<'s>(
     keys: &KeySet,
     kind: BlobKind,
     id: &Id,
-    sealed: &[u8],
-    dctx: Option<&mut zstd::bulk::Decompressor<'static>>,
-) -> Result<Vec<u8>> {
-    let mut buf = sealed.to_vec();
-    keys.open_blob_in_place(kind as u8, id, &mut buf)?;
-    let Some((&flag, payload)) = buf.split_first() else {
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    s: &'s mut Scratch,
+) -> Result<&'s [u8]> {
+    keys.open_blob_in_place(kind as u8, id, &mut s.framed)?;
+    let Some((&flag, payload)) = s.framed.split_first() else {
         return Err(Error::corrupt(
             format!("blob {id}"),
             "empty after decryption",
         ));
     };
     match flag {
-        FLAG_STORED => {
-            buf.remove(0);
-            Ok(buf)
-        }
+        FLAG_STORED => Ok(payload),
         FLAG_ZSTD => {
             let size = zstd::zstd_safe::get_frame_content_size(payload)
                 .ok()
@@ -156,11 +199,18 @@ fn open_unverified(
                     format!("declares {size} bytes, over the {MAX_BLOB_PLAINTEXT}-byte limit"),
                 ));
             }
-            let out = match dctx {
-                Some(d) => d.decompress(payload, size as usize),
-                None => zstd::bulk::decompress(payload, size as usize),
-            };
-            out.map_err(|e| Error::corrupt(format!("blob {id}"), format!("zstd: {e}")))
+            s.plain.clear();
+            s.plain.reserve(size as usize);
+            let n = dctx
+                .decompress_to_buffer(payload, &mut s.plain)
+                .map_err(|e| Error::corrupt(format!("blob {id}"), format!("zstd: {e}")))?;
+            if n as u64 != size {
+                return Err(Error::corrupt(
+                    format!("blob {id}"),
+                    format!("zstd frame declares {size} bytes but holds {n}"),
+                ));
+            }
+            Ok(&s.plain)
         }
         f => Err(Error::corrupt(
             format!("blob {id}"),
@@ -171,16 +221,7 @@ fn open_unverified(
 
 /// Open a sealed blob and check that its plaintext hashes to `id`.
 pub fn open(keys: &KeySet, kind: BlobKind, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
-    let plain = open_unverified(keys, kind, id, sealed, None)?;
-    check_id(keys, id, plain)
-}
-
-fn check_id(keys: &KeySet, id: &Id, plain: Vec<u8>) -> Result<Vec<u8>> {
-    let actual = keys.id_of(&plain);
-    if actual != *id {
-        return Err(Error::IdMismatch { id: *id, actual });
-    }
-    Ok(plain)
+    Opener::new()?.open(keys, kind, id, sealed)
 }
 
 #[cfg(test)]

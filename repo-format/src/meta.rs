@@ -66,15 +66,31 @@ pub fn entry_from_metadata(name: Vec<u8>, md: &Metadata) -> Entry {
 
 /// Read all extended attributes of `path` (not following symlinks), sorted by name.
 /// A file system without xattr support yields an empty list.
-pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let names = match xattr::list(path) {
+pub fn read_xattrs(path: &Path) -> std::io::Result<Xattrs> {
+    collect_xattrs(xattr::list(path), |n| xattr::get(path, n))
+}
+
+/// [`read_xattrs`] of an open file: no second path lookup for a file the
+/// backup has open anyway.
+pub fn read_xattrs_of(file: &std::fs::File) -> std::io::Result<Xattrs> {
+    use xattr::FileExt;
+    collect_xattrs(file.list_xattr(), |n| file.get_xattr(n))
+}
+
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn collect_xattrs(
+    names: std::io::Result<xattr::XAttrs>,
+    get: impl Fn(&std::ffi::OsStr) -> std::io::Result<Option<Vec<u8>>>,
+) -> std::io::Result<Xattrs> {
+    let names = match names {
         Ok(n) => n,
         Err(e) if is_unsupported(&e) => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
     let mut out = Vec::new();
     for n in names {
-        if let Some(v) = xattr::get(path, &n)? {
+        if let Some(v) = get(&n)? {
             out.push((n.as_bytes().to_vec(), v));
         }
     }

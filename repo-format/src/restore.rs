@@ -483,10 +483,11 @@ fn write_file(
                 "length over the blob limit",
             ));
         }
-        let mut sealed = vec![0u8; loc.length as usize];
-        repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
-        let plain = opener.open(repo.keyset(loc.kind)?, loc.kind, id, &sealed)?;
-        write_sparse(&f, &plain, off).map_err(|err| Error::io("writing", tmp, err))?;
+        // Read into the opener's buffer and decrypt there: no allocation per chunk.
+        repo.store()
+            .read_at(&loc.pack, loc.offset, opener.buffer(loc.length as usize))?;
+        let plain = opener.open_buffer(repo.keyset(loc.kind)?, loc.kind, id)?;
+        write_sparse(&f, plain, off).map_err(|err| Error::io("writing", tmp, err))?;
         off += plain.len() as u64;
     }
     if off != e.size {

@@ -375,7 +375,7 @@ impl FileCtx<'_, '_, '_> {
             entry.gid = fresh.gid;
         }
         entry.size = size;
-        match meta::read_xattrs(path) {
+        match meta::read_xattrs_of(&file) {
             Ok(x) => entry.xattrs = x,
             Err(e) => shared.issue(path, format!("cannot read xattrs: {e}")),
         }

@@ -99,6 +99,10 @@ fn unchanged(old: &Entry, new: &Entry) -> bool {
         && (old.size == 0 || !old.chunks.is_empty())
 }
 
+/// A directory entry to walk: name, full path and, when listing gave it, its
+/// metadata (`None`: stat the path).
+type Listed = (Vec<u8>, PathBuf, Option<std::io::Result<std::fs::Metadata>>);
+
 impl<'s, 'r> Walker<'s, 'r> {
     pub(crate) fn new(
         shared: &'s Shared<'r>,
@@ -168,6 +172,10 @@ impl<'s, 'r> Walker<'s, 'r> {
             // Nothing to take over: the totals are all walked.
             self.dirty = None;
         }
+        let roots = roots
+            .into_iter()
+            .map(|(name, path)| (name, path, None))
+            .collect();
         self.entries(roots, parent_root.as_deref())?;
         self.emit(BuildItem::End)?;
         Ok(self.replaced)
@@ -209,11 +217,11 @@ impl<'s, 'r> Walker<'s, 'r> {
     }
 
     /// Emit one item per (name, path), in the given (sorted) order.
-    fn entries(&mut self, list: Vec<(Vec<u8>, PathBuf)>, parent: Option<&[Entry]>) -> Result<()> {
+    fn entries(&mut self, list: Vec<Listed>, parent: Option<&[Entry]>) -> Result<()> {
         // Names (in order) of parent directories whose contents were walked
         // against the parent or taken over (incremental totals).
         let mut accounted = Vec::new();
-        for (name, path) in list {
+        for (name, path, md) in list {
             let rel_len = self.rel.len();
             if !self.rel.is_empty() {
                 self.rel.push(b'/');
@@ -223,7 +231,7 @@ impl<'s, 'r> Walker<'s, 'r> {
                 self.rel.truncate(rel_len);
                 continue;
             }
-            let r = self.entry(name.clone(), path, parent);
+            let r = self.entry(name.clone(), path, md, parent);
             self.rel.truncate(rel_len);
             if r? {
                 accounted.push(name);
@@ -235,13 +243,19 @@ impl<'s, 'r> Walker<'s, 'r> {
 
     /// Walk one entry; true when it was a directory whose parent contents
     /// were accounted for (walked against them or taken over).
-    fn entry(&mut self, name: Vec<u8>, path: PathBuf, parent: Option<&[Entry]>) -> Result<bool> {
+    fn entry(
+        &mut self,
+        name: Vec<u8>,
+        path: PathBuf,
+        md: Option<std::io::Result<std::fs::Metadata>>,
+        parent: Option<&[Entry]>,
+    ) -> Result<bool> {
         {
             if self.shared.aborted() {
                 return Err(Error::Pipeline("backup aborted".into()));
             }
             self.shared.progress.entries.fetch_add(1, Ordering::Relaxed);
-            let md = match std::fs::symlink_metadata(&path) {
+            let md = match md.unwrap_or_else(|| std::fs::symlink_metadata(&path)) {
                 Ok(m) => m,
                 Err(e) => {
                     self.shared.issue(&path, format!("cannot stat: {e}"));
@@ -348,7 +362,10 @@ impl<'s, 'r> Walker<'s, 'r> {
                     match de {
                         Ok(de) => {
                             let n = de.file_name();
-                            list.push((n.as_bytes().to_vec(), de.path()));
+                            // Stat relative to the open directory (no path
+                            // walk from the root per entry); never follows a symlink.
+                            let md = de.metadata();
+                            list.push((n.as_bytes().to_vec(), de.path(), Some(md)));
                         }
                         Err(e) => self
                             .shared

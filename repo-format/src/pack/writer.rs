@@ -1,6 +1,6 @@
 //! Appends sealed blobs to a temporary pack file and finishes it durably.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use crate::blob::BlobKind;
@@ -11,9 +11,16 @@ use crate::id::Id;
 use crate::pack::{PackEntry, TRAILER_AAD, encode_entries};
 use crate::store::{PackStore, TempPack};
 
+/// Bytes gathered before they are hashed and written: BLAKE3 hashes a large
+/// piece on all its SIMD lanes, but a small blob's few hundred bytes one
+/// block at a time.
+const WRITE_BUF: usize = 1 << 20;
+
 /// A pack under construction.
 pub struct PackWriter {
-    out: BufWriter<std::fs::File>,
+    file: std::fs::File,
+    /// Bytes not yet hashed nor written (blobs smaller than [`WRITE_BUF`]).
+    buf: Vec<u8>,
     path: PathBuf,
     hasher: blake3::Hasher,
     offset: u64,
@@ -36,7 +43,8 @@ impl PackWriter {
     pub fn new(store: &dyn PackStore) -> Result<Self> {
         let TempPack { file, path } = store.create_temp()?;
         let mut w = PackWriter {
-            out: BufWriter::with_capacity(1 << 20, file),
+            file,
+            buf: Vec::with_capacity(WRITE_BUF),
             path,
             hasher: blake3::Hasher::new(),
             offset: 0,
@@ -47,11 +55,31 @@ impl PackWriter {
     }
 
     fn write(&mut self, b: &[u8]) -> Result<()> {
-        self.out
-            .write_all(b)
-            .map_err(|e| Error::io("writing pack", &self.path, e))?;
-        self.hasher.update(b);
+        if self.buf.len() + b.len() > WRITE_BUF {
+            self.flush()?;
+        }
+        if b.len() >= WRITE_BUF {
+            // Large blobs go straight out, without a copy into the buffer.
+            self.hasher.update(b);
+            self.file
+                .write_all(b)
+                .map_err(|e| Error::io("writing pack", &self.path, e))?;
+        } else {
+            self.buf.extend_from_slice(b);
+        }
         self.offset += b.len() as u64;
+        Ok(())
+    }
+
+    /// Hash and write what the buffer holds.
+    fn flush(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            self.hasher.update(&self.buf);
+            self.file
+                .write_all(&self.buf)
+                .map_err(|e| Error::io("writing pack", &self.path, e))?;
+            self.buf.clear();
+        }
         Ok(())
     }
 
@@ -93,10 +121,8 @@ impl PackWriter {
         self.write(&trailer)?;
         self.write(&tlen.to_le_bytes())?;
         self.write(PACK_END_MAGIC)?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| Error::io("flushing pack", &self.path, e.into_error()))?;
+        self.flush()?;
+        let file = self.file;
         let name = Id(*self.hasher.finalize().as_bytes());
         store.put(
             TempPack {
