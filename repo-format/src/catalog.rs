@@ -300,6 +300,21 @@ impl Catalog {
             .map_err(cat_err("starting a read snapshot"))
     }
 
+    /// Begin a read transaction: lookups until [`Catalog::end_read`] see one
+    /// snapshot (SQLite takes it at the first read) and take no lock each.
+    pub fn begin_read(&self) -> Result<()> {
+        self.conn
+            .execute_batch("BEGIN DEFERRED")
+            .map_err(cat_err("beginning a read transaction"))
+    }
+
+    /// End the read transaction [`Catalog::begin_read`] began.
+    pub fn end_read(&self) -> Result<()> {
+        self.conn
+            .execute_batch("COMMIT")
+            .map_err(cat_err("ending a read transaction"))
+    }
+
     /// True when every id in `ids` is catalogued (stops at the first missing one).
     pub fn all_present(&self, ids: &[Id]) -> Result<bool> {
         for id in ids {

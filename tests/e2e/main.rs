@@ -6,6 +6,7 @@
 //! - [`hostile`]: hand-crafted trees with hostile names and symlinks planted
 //!   in the target never make a restore write outside its target.
 //! - [`concurrent`]: two backups at once into one repository.
+//! - [`dedup`]: a chunk met many times in one backup is stored once.
 //! - [`faults`]: a pack store that fails mid-backup leaves no snapshot, no
 //!   damage, and the next backup works.
 //! - [`rebuild`]: a lost catalog is rebuilt from packs and snapshot files.
@@ -17,6 +18,7 @@
 //!   stored elsewhere (what an agent's spool relies on).
 
 mod concurrent;
+mod dedup;
 mod faults;
 mod hostile;
 mod incremental;

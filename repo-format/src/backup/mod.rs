@@ -22,6 +22,7 @@
 //! made the last pack durable. A failure anywhere aborts before that point:
 //! whatever packs were written stay as unreferenced (harmless) data.
 
+mod claims;
 mod dirty;
 mod stages;
 mod walk;
@@ -39,18 +40,17 @@ pub fn resolved_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::pack::PackEntry;
 use crate::repo::Repository;
 use crate::snapshot::{BackupIssue, Snapshot, SnapshotStats};
+use claims::Claims;
 
 /// Most issues recorded in a snapshot; the rest are counted.
 const MAX_ISSUES: usize = 1000;
@@ -177,8 +177,8 @@ pub(crate) struct Shared<'r> {
     pub(crate) repo: &'r Repository,
     abort: AtomicBool,
     fatal: Mutex<Option<Error>>,
-    /// Ids claimed by this backup and not yet catalogued.
-    pending: Mutex<HashSet<Id>>,
+    /// Ids claimed by this backup (see [`claims`]).
+    pub(crate) claims: Claims,
     issues: Mutex<Vec<BackupIssue>>,
     issues_dropped: AtomicU64,
     pub(crate) progress: Arc<Progress>,
@@ -203,7 +203,7 @@ impl<'r> Shared<'r> {
             repo,
             abort: AtomicBool::new(false),
             fatal: Mutex::new(None),
-            pending: Mutex::new(HashSet::new()),
+            claims: Claims::default(),
             issues: Mutex::new(Vec::new()),
             issues_dropped: AtomicU64::new(0),
             progress,
@@ -246,44 +246,37 @@ impl<'r> Shared<'r> {
         }
     }
 
-    /// True when the caller must store blob `id`: it is neither catalogued nor
-    /// already claimed by this backup. (A race with a concurrent writer can
-    /// store a blob twice; the catalog keeps the first copy.)
-    pub(crate) fn claim(&self, id: &Id, reader: &Catalog) -> Result<bool> {
-        let lock = || {
-            self.pending
-                .lock()
-                .map_err(|_| Error::Pipeline("pending set poisoned".into()))
-        };
-        if lock()?.contains(id) || reader.contains(id)? {
+    /// True when the caller must store blob `id`: it is neither catalogued
+    /// (`contains` asks the catalog) nor already claimed by this backup. (A
+    /// race with a concurrent writer can store a blob twice; the catalog
+    /// keeps the first copy.)
+    pub(crate) fn claim(
+        &self,
+        id: &Id,
+        mut contains: impl FnMut(&Id) -> Result<bool>,
+    ) -> Result<bool> {
+        if self.claims.is_claimed(id)? || contains(id)? {
             return Ok(false);
         }
-        Ok(lock()?.insert(*id))
+        self.claims.try_claim(id)
     }
 
     /// [`Shared::claim`] for a data chunk, which is also not stored when
     /// [`BackupOptions::stored_elsewhere`] says so.
-    pub(crate) fn claim_data(&self, id: &Id, reader: &Catalog) -> Result<bool> {
-        if let Some(s) = &self.stored_elsewhere {
-            let claimed = self
-                .pending
-                .lock()
-                .map_err(|_| Error::Pipeline("pending set poisoned".into()))?
-                .contains(id);
-            if !claimed && !reader.contains(id)? && (s.0)(id) {
-                return Ok(false);
-            }
+    pub(crate) fn claim_data(
+        &self,
+        id: &Id,
+        mut contains: impl FnMut(&Id) -> Result<bool>,
+    ) -> Result<bool> {
+        if self.claims.is_claimed(id)? || contains(id)? {
+            return Ok(false);
         }
-        self.claim(id, reader)
-    }
-
-    /// Forget ids that are now catalogued.
-    pub(crate) fn release(&self, ids: impl Iterator<Item = Id>) {
-        if let Ok(mut p) = self.pending.lock() {
-            for id in ids {
-                p.remove(&id);
-            }
+        if let Some(s) = &self.stored_elsewhere
+            && (s.0)(id)
+        {
+            return Ok(false);
         }
+        self.claims.try_claim(id)
     }
 }
 

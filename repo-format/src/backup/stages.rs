@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::backup::Shared;
+use crate::backup::claims::SnapshotReader;
 use crate::backup::dirty::DirtySet;
 use crate::backup::walk::Walker;
 use crate::blob::{BlobKind, Sealer};
@@ -178,20 +179,26 @@ fn file_worker(
             return;
         }
     };
-    let reader = match Catalog::open_reader(cat) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            shared.fail(e);
-            None
-        }
-    };
+    let mut reader =
+        match Catalog::open_reader(cat).and_then(|c| SnapshotReader::new(c, &shared.claims)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                shared.fail(e);
+                None
+            }
+        };
     // One read buffer per worker, reused for every file.
     let mut buf = Vec::new();
     for job in rx {
         // After an abort keep draining so the walker never blocks.
-        let Some(reader) = reader.as_ref().filter(|_| !shared.aborted()) else {
+        let Some(reader) = reader.as_mut().filter(|_| !shared.aborted()) else {
             continue;
         };
+        // One catalog snapshot per batch of files (renewed within a long one).
+        if let Err(e) = reader.begin() {
+            shared.fail(e);
+            continue;
+        }
         let mut ctx = FileCtx {
             shared,
             reader,
@@ -212,8 +219,12 @@ fn file_worker(
                 }
             }
         }
-        // Blobs sealed here go to the packer in one message per batch.
         let out = std::mem::take(&mut ctx.out);
+        // Idle workers hold no snapshot back (see `claims`).
+        if let Err(e) = reader.end() {
+            failed.get_or_insert(e);
+        }
+        // Blobs sealed here go to the packer in one message per batch.
         if !out.is_empty() && pack_tx.send(out).is_err() {
             failed.get_or_insert(Error::Pipeline("packer stopped".into()));
         }
@@ -232,7 +243,7 @@ const INLINE_SEAL: usize = 128 * 1024;
 
 struct FileCtx<'a, 's, 'r> {
     shared: &'s Shared<'r>,
-    reader: &'a Catalog,
+    reader: &'a mut SnapshotReader<'s>,
     tx: &'a Sender<RawBlob>,
     sealer: &'a mut Sealer,
     /// Blobs sealed inline, sent to the packer when the batch is done.
@@ -252,7 +263,8 @@ impl FileCtx<'_, '_, '_> {
             .bytes_done
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         entry.chunks.push(id);
-        if !self.shared.claim_data(&id, self.reader)? {
+        let reader = &mut *self.reader;
+        if !self.shared.claim_data(&id, |id| reader.contains(id))? {
             return Ok(());
         }
         if chunk.len() < INLINE_SEAL {
@@ -431,7 +443,7 @@ fn packer(shared: &Shared<'_>, rx: Receiver<Vec<SealedBlob>>) {
         let fp = w.finish(repo.store().as_ref(), &repo.keys().metadata)?;
         repo.catalog()?
             .insert_pack(&fp.name, fp.size, &fp.entries)?;
-        shared.release(fp.entries.iter().map(|e| e.id));
+        shared.claims.catalogued(fp.entries.iter().map(|e| e.id));
         if let Some(sink) = &shared.on_pack {
             (sink.0)(fp.name, &fp.entries);
         }
@@ -526,7 +538,7 @@ fn tree_builder(
                     .ok_or_else(|| Error::Pipeline("unbalanced tree end".into()))?;
                 let bytes = tree::encode(&entries)?;
                 let id = meta_keys.id_of(&bytes);
-                if shared.claim(&id, &reader)? {
+                if shared.claim(&id, |id| reader.contains(id))? {
                     let sealed = sealer.seal_verified(meta_keys, BlobKind::Tree, &id, &bytes)?;
                     let b = SealedBlob {
                         kind: BlobKind::Tree,
