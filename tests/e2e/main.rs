@@ -5,6 +5,7 @@
 //!   by proptest, a fixed tree with every kind of entry, long names).
 //! - [`hostile`]: hand-crafted trees with hostile names and symlinks planted
 //!   in the target never make a restore write outside its target.
+//! - [`changing`]: a file changing while read is reported; the rest is kept.
 //! - [`concurrent`]: two backups at once into one repository.
 //! - [`dedup`]: a chunk met many times in one backup is stored once.
 //! - [`faults`]: a pack store that fails mid-backup leaves no snapshot, no
@@ -17,6 +18,7 @@
 //! - [`spool`]: separate tree and data packs, dropped data packs, chunks
 //!   stored elsewhere (what an agent's spool relies on).
 
+mod changing;
 mod concurrent;
 mod dedup;
 mod faults;
