@@ -78,12 +78,15 @@ impl Sealer {
         plain: &[u8],
     ) -> Result<Vec<u8>> {
         self.packed.clear();
-        self.packed
-            .reserve(zstd::zstd_safe::compress_bound(plain.len()));
-        let n = self
-            .zstd
-            .compress_to_buffer(plain, &mut self.packed)
-            .map_err(|e| Error::Pipeline(format!("zstd compress of blob {id}: {e}")))?;
+        let n = if looks_incompressible(plain) {
+            plain.len()
+        } else {
+            self.packed
+                .reserve(zstd::zstd_safe::compress_bound(plain.len()));
+            self.zstd
+                .compress_to_buffer(plain, &mut self.packed)
+                .map_err(|e| Error::Pipeline(format!("zstd compress of blob {id}: {e}")))?
+        };
         let (flag, payload) = if n < plain.len() {
             (FLAG_ZSTD, &self.packed[..n])
         } else {
@@ -116,6 +119,45 @@ impl Sealer {
         }
         Ok(sealed)
     }
+}
+
+/// Bytes sampled by [`looks_incompressible`], and the smallest chunk it judges.
+const SAMPLE: usize = 16 * 1024;
+/// Sampled in this many evenly spread pieces.
+const SAMPLE_PIECES: usize = 32;
+/// Order-0 entropy (bits per byte) of a sample at or above which a chunk is
+/// stored without trying zstd. Uniformly random bytes give 7.989 on 16 KiB;
+/// text 4–5, executables ~6, base64 6, a half-random chunk ~7.
+const INCOMPRESSIBLE_BITS: f64 = 7.95;
+
+/// True when a sample of `plain` looks like compressed or encrypted data
+/// (media, archives, ciphertext), which zstd cannot shrink: trying costs a
+/// quarter of the backup's CPU on such data for nothing. Chunks below
+/// [`SAMPLE`] are always tried. What this misses: a random block repeated
+/// within one chunk (zstd would find the repeat); deduplication still
+/// catches repeats of whole chunks.
+fn looks_incompressible(plain: &[u8]) -> bool {
+    if plain.len() < SAMPLE {
+        return false;
+    }
+    let piece = SAMPLE / SAMPLE_PIECES;
+    let stride = plain.len() / SAMPLE_PIECES;
+    let mut counts = [0u32; 256];
+    for i in 0..SAMPLE_PIECES {
+        for &b in &plain[i * stride..i * stride + piece] {
+            counts[b as usize] += 1;
+        }
+    }
+    let total = SAMPLE as f64;
+    let bits: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / total;
+            -p * p.log2()
+        })
+        .sum();
+    bits >= INCOMPRESSIBLE_BITS
 }
 
 /// Opens blobs with a reusable zstd context and buffers (restore and check
@@ -236,6 +278,53 @@ mod tests {
             let id = k.id_of(&plain);
             let sealed = s.seal_verified(&k, BlobKind::Data, &id, &plain).unwrap();
             assert!(sealed.len() <= plain.len() + 17);
+            assert_eq!(open(&k, BlobKind::Data, &id, &sealed).unwrap(), plain);
+        }
+    }
+
+    /// xorshift bytes: incompressible.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn random_chunks_skip_zstd_and_compressible_ones_do_not() {
+        assert!(looks_incompressible(&noise(1 << 20, 1)));
+        assert!(looks_incompressible(&noise(SAMPLE, 2)));
+        // Too small to judge: always tried.
+        assert!(!looks_incompressible(&noise(SAMPLE - 1, 3)));
+        let text = b"the quick brown fox jumps over the lazy dog 0123456789\n".repeat(20_000);
+        assert!(!looks_incompressible(&text));
+        // Half random, half zeros: zstd halves it, so it must be tried.
+        let mut half = noise(512 * 1024, 4);
+        half.extend(std::iter::repeat_n(0u8, 512 * 1024));
+        assert!(!looks_incompressible(&half));
+        // Base64 of random bytes (6 bits per byte) is still worth compressing.
+        let b64: Vec<u8> = noise(1 << 20, 5)
+            .iter()
+            .map(|b| {
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+                    [(b & 63) as usize]
+            })
+            .collect();
+        assert!(!looks_incompressible(&b64));
+
+        // Sealing: random is stored as is (flag 0, size + overhead), the
+        // half-zero chunk compressed; both open.
+        let k = KeySet::from_keys([4; 32], [5; 32]);
+        let mut s = Sealer::new(3).unwrap();
+        for (plain, compressed) in [(noise(1 << 20, 6), false), (half, true)] {
+            let id = k.id_of(&plain);
+            let sealed = s.seal_verified(&k, BlobKind::Data, &id, &plain).unwrap();
+            assert_eq!(sealed.len() < plain.len(), compressed);
             assert_eq!(open(&k, BlobKind::Data, &id, &sealed).unwrap(), plain);
         }
     }
