@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use repo_format::Repository;
 use repo_format::blob::BlobKind;
+use repo_format::pack::reader::read_trailer;
 
 use crate::acked::Acked;
 
@@ -70,6 +71,11 @@ pub struct TrimReport {
 
 /// Drop every data pack of `repo` whose blobs are all acknowledged.
 /// Blocking (SQLite, file removal): call from a blocking thread.
+///
+/// What a pack holds is read from its trailer (the catalog has no index by
+/// pack); a pack whose trailer lists a tree blob is kept. When the trailer
+/// cannot be read, the catalog's rows of the pack (a full scan, rare) stand
+/// in for it, so a damaged data pack the collector holds still goes.
 pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
     let lock = open_lock(repo.root())?;
     if lock.try_lock().is_err() {
@@ -81,9 +87,23 @@ pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
     let mut report = TrimReport::default();
     let packs = repo.catalog()?.packs_only_of(BlobKind::Data)?;
     for name in packs {
-        let blobs = repo.catalog()?.blobs_in_pack(&name)?;
+        let entries = match read_trailer(repo.store().as_ref(), &name, &repo.keys().metadata) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(
+                    "spool pack {name}: trailer unreadable ({e}); deciding from its catalog rows"
+                );
+                repo.catalog()?
+                    .blobs_in_pack(&name)
+                    .with_context(|| format!("listing the catalogued blobs of spool pack {name}"))?
+            }
+        };
+        if entries.iter().any(|e| e.kind != BlobKind::Data) {
+            tracing::debug!("spool pack {name} holds tree blobs: kept");
+            continue;
+        }
         let mut uploaded = true;
-        for b in &blobs {
+        for b in &entries {
             if !acked.contains(&b.id)? {
                 uploaded = false;
                 break;
@@ -93,7 +113,8 @@ pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
             continue;
         }
         let size = repo.store().size(&name).unwrap_or(0);
-        repo.drop_pack(&name)?;
+        repo.drop_pack(&name, &entries)
+            .with_context(|| format!("dropping spool pack {name}"))?;
         report.packs += 1;
         report.bytes += size;
     }

@@ -6,10 +6,17 @@
 //! `synchronous=FULL`: once a transaction commits, it survives power loss,
 //! so a blob is acknowledged only when its pack is durable *and* its rows are.
 //! Blob rows of a pack go in one transaction, after the pack is durable.
+//!
+//! Schema 2 has no index on `blobs(pack_id)`: it held `(pack_id, id)` per
+//! blob, over 40% of the file. What needed it reads the pack's trailer
+//! instead (dropping a pack: [`Catalog::forget_pack`]), `packs.kind`
+//! (listing data-only packs: [`Catalog::packs_only_of`]), or one sorted pass
+//! over every blob ([`Catalog::for_each_blob_by_pack`], for `check`).
+//! Schema-1 catalogs are migrated by [`Catalog::open`].
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::blob::BlobKind;
 use crate::error::{Error, Result};
@@ -18,14 +25,21 @@ use crate::pack::PackEntry;
 use crate::snapshot::Snapshot;
 
 /// Schema version stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
+/// `packs.kind` of a pack listing both kinds of blob, or none; a pack
+/// listing one kind has that kind's byte (`BlobKind as u8`).
+pub const PACK_KIND_MIXED: u8 = 2;
+
+/// `kind DEFAULT 2`: `ALTER TABLE … ADD COLUMN … NOT NULL` needs a default,
+/// so a migrated schema-1 catalog and a new one have the same column.
 const SCHEMA: &str = "
 CREATE TABLE packs (
     pack_id INTEGER PRIMARY KEY,
     name    BLOB NOT NULL UNIQUE,
     size    INTEGER NOT NULL,
-    blobs   INTEGER NOT NULL
+    blobs   INTEGER NOT NULL,
+    kind    INTEGER NOT NULL DEFAULT 2
 );
 CREATE TABLE blobs (
     id         BLOB PRIMARY KEY,
@@ -35,7 +49,6 @@ CREATE TABLE blobs (
     length     INTEGER NOT NULL,
     raw_length INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX blobs_by_pack ON blobs(pack_id);
 CREATE TABLE snapshots (
     id      BLOB PRIMARY KEY,
     time_ns INTEGER NOT NULL,
@@ -58,6 +71,56 @@ pub struct BlobLocation {
     pub length: u32,
     /// Length of its plaintext.
     pub raw_length: u32,
+}
+
+/// Schema 1 → 2, in one transaction: `packs.kind` filled from the blob rows
+/// while `blobs_by_pack` still exists (one index range per pack), then the
+/// index dropped. A pack without blob rows gets the default, 2 (mixed).
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE packs ADD COLUMN kind INTEGER NOT NULL DEFAULT 2;
+UPDATE packs SET kind = (
+    SELECT CASE WHEN min(b.kind) = max(b.kind) THEN min(b.kind) ELSE 2 END
+    FROM blobs b WHERE b.pack_id = packs.pack_id
+);
+DROP INDEX blobs_by_pack;
+PRAGMA user_version = 2;
+";
+
+/// Every blob row with its pack's name, grouped by pack. CROSS JOIN keeps
+/// `blobs` the outer loop: one scan, a primary-key search of `packs` per
+/// row, then a sort; never a scan of `blobs` per pack.
+const BLOBS_BY_PACK_SQL: &str =
+    "SELECT b.pack_id, p.name, b.kind, b.id, b.offset, b.length, b.raw_length
+     FROM blobs b CROSS JOIN packs p ON p.pack_id = b.pack_id
+     ORDER BY b.pack_id, b.offset";
+
+/// One blob row of one pack, by primary key.
+const FORGET_BLOB_SQL: &str = "DELETE FROM blobs WHERE id = ?1 AND pack_id = ?2";
+
+/// Packs of one kind, from `packs` alone.
+const PACKS_OF_KIND_SQL: &str = "SELECT name FROM packs WHERE kind = ?1 ORDER BY name";
+
+/// `packs.kind` of a pack listing `entries`.
+fn pack_kind(entries: &[PackEntry]) -> u8 {
+    let mut kinds = entries.iter().map(|e| e.kind);
+    match kinds.next() {
+        Some(first) if kinds.all(|k| k == first) => first as u8,
+        _ => PACK_KIND_MIXED,
+    }
+}
+
+/// `kind, id, offset, length, raw_length` of a blob row, from column `first` on.
+fn blob_columns(
+    r: &rusqlite::Row<'_>,
+    first: usize,
+) -> rusqlite::Result<(u8, Vec<u8>, i64, u32, u32)> {
+    Ok((
+        r.get(first)?,
+        r.get(first + 1)?,
+        r.get(first + 2)?,
+        r.get(first + 3)?,
+        r.get(first + 4)?,
+    ))
 }
 
 /// A connection to the catalog.
@@ -89,7 +152,9 @@ impl Catalog {
         Ok(c)
     }
 
-    /// Open the existing catalog read-write, checking it (`quick_check`) and its schema version.
+    /// Open the existing catalog read-write, checking it (`quick_check`) and
+    /// its schema version; a schema-1 catalog is migrated to schema 2 first
+    /// (see [`Catalog::migrate_from_1`]). Any other version is refused.
     pub fn open(path: &Path) -> Result<Self> {
         if !path.exists() {
             return Err(Error::BadRepository {
@@ -97,7 +162,7 @@ impl Catalog {
                 detail: "catalog is missing; run `hubvault repo rebuild-catalog` to recreate it from the packs".into(),
             });
         }
-        let c = Self::open_conn(path, true)?;
+        let mut c = Self::open_conn(path, true)?;
         let check: String = c
             .conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
@@ -111,17 +176,55 @@ impl Catalog {
                 detail: format!("catalog damaged ({check}); run `hubvault repo rebuild-catalog`"),
             });
         }
-        let v: i64 = c
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(cat_err("reading schema version"))?;
+        let mut v = c.schema_version()?;
+        if v == 1 {
+            c.migrate_from_1()?;
+            v = c.schema_version()?;
+        }
         if v != SCHEMA_VERSION {
             return Err(Error::BadRepository {
                 path: path.to_path_buf(),
-                detail: format!("catalog schema {v}, this build reads {SCHEMA_VERSION}"),
+                detail: format!(
+                    "catalog schema {v}, this build reads {SCHEMA_VERSION} (and migrates 1)"
+                ),
             });
         }
         Ok(c)
+    }
+
+    /// The catalog's `PRAGMA user_version`.
+    fn schema_version(&self) -> Result<i64> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(cat_err("reading schema version"))
+    }
+
+    /// Migrate a schema-1 catalog to schema 2 in one write transaction:
+    /// add and fill `packs.kind`, drop `blobs_by_pack`, set `user_version`.
+    /// The version is read again under the write lock, so two processes
+    /// opening one catalog at once migrate it once. Freed index pages stay
+    /// in the file for later inserts (a rebuild or `VACUUM` returns them).
+    fn migrate_from_1(&mut self) -> Result<()> {
+        let what = || {
+            format!(
+                "migrating catalog {} from schema 1 to 2 (rolled back; \
+                 `hubvault repo rebuild-catalog` recreates it at schema 2)",
+                self.path.display()
+            )
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| Error::catalog(what(), e))?;
+        let v: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| Error::catalog(what(), e))?;
+        if v != 1 {
+            return Ok(()); // another process migrated it meanwhile
+        }
+        tx.execute_batch(MIGRATE_1_TO_2)
+            .map_err(|e| Error::catalog(what(), e))?;
+        tx.commit().map_err(|e| Error::catalog(what(), e))
     }
 
     /// A second, read-only connection (one per pipeline thread; WAL lets them read concurrently).
@@ -162,14 +265,20 @@ impl Catalog {
 
     /// Record a durable pack and its blobs, in one transaction.
     /// A blob already catalogued (a concurrent writer stored it too) keeps its first location.
+    /// `packs.kind` comes from `entries`: 0 only data, 1 only trees, 2 both or none.
     pub fn insert_pack(&mut self, name: &Id, size: u64, entries: &[PackEntry]) -> Result<()> {
         let tx = self
             .conn
             .transaction()
             .map_err(cat_err("beginning pack transaction"))?;
         tx.execute(
-            "INSERT OR IGNORE INTO packs(name, size, blobs) VALUES (?1, ?2, ?3)",
-            params![&name.0[..], size as i64, entries.len() as i64],
+            "INSERT OR IGNORE INTO packs(name, size, blobs, kind) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                &name.0[..],
+                size as i64,
+                entries.len() as i64,
+                pack_kind(entries)
+            ],
         )
         .map_err(cat_err("inserting pack row"))?;
         let pack_id: i64 = tx
@@ -202,32 +311,71 @@ impl Catalog {
     }
 
     /// Remove pack `name` and its blob rows, in one transaction (the pack
-    /// file is the caller's to delete, afterwards).
-    pub fn forget_pack(&mut self, name: &Id) -> Result<()> {
+    /// file is the caller's to delete, afterwards). A pack not catalogued is
+    /// not an error.
+    ///
+    /// `entries` MUST list every blob the catalog holds in this pack: the
+    /// pack's trailer (`pack::reader::read_trailer`) does, as rows are only
+    /// ever inserted from it; when the trailer is unreadable,
+    /// [`Catalog::blobs_in_pack`] does (a full scan). Each entry's row goes
+    /// only if it is in this pack (`id` and `pack_id`): an id the trailer
+    /// lists but the catalog locates in another pack keeps its row. Without
+    /// an index on `blobs(pack_id)`, neither the removal nor the pack row's
+    /// foreign-key check could find the rest, so a row left out of `entries`
+    /// would stay, pointing at no pack: `check` reports such rows.
+    pub fn forget_pack(&mut self, name: &Id, entries: &[PackEntry]) -> Result<()> {
+        // Deleting a parent row makes SQLite look for child rows, a scan of
+        // every blob without the index: enforcement is off for this one
+        // transaction (the pragma is a no-op inside one), back on after it.
+        self.conn
+            .pragma_update(None, "foreign_keys", "OFF")
+            .map_err(cat_err("disabling foreign keys to forget a pack"))?;
+        let res = self.forget_pack_rows(name, entries);
+        let on = self
+            .conn
+            .pragma_update(None, "foreign_keys", "ON")
+            .map_err(cat_err("re-enabling foreign keys after forgetting a pack"));
+        res.and(on)
+    }
+
+    fn forget_pack_rows(&mut self, name: &Id, entries: &[PackEntry]) -> Result<()> {
+        let what = |step: &str| format!("forgetting pack {name}: {step}");
         let tx = self
             .conn
             .transaction()
-            .map_err(cat_err("beginning pack removal"))?;
-        tx.execute(
-            "DELETE FROM blobs WHERE pack_id = (SELECT pack_id FROM packs WHERE name = ?1)",
-            [&name.0[..]],
-        )
-        .map_err(cat_err("removing blob rows"))?;
-        tx.execute("DELETE FROM packs WHERE name = ?1", [&name.0[..]])
-            .map_err(cat_err("removing pack row"))?;
-        tx.commit().map_err(cat_err("committing pack removal"))
+            .map_err(|e| Error::catalog(what("beginning the transaction"), e))?;
+        let pack_id: Option<i64> = tx
+            .query_row(
+                "SELECT pack_id FROM packs WHERE name = ?1",
+                [&name.0[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| Error::catalog(what("reading its pack row"), e))?;
+        if let Some(pack_id) = pack_id {
+            {
+                let mut st = tx
+                    .prepare_cached(FORGET_BLOB_SQL)
+                    .map_err(|e| Error::catalog(what("preparing blob row removal"), e))?;
+                for e in entries {
+                    st.execute(params![&e.id.0[..], pack_id]).map_err(|err| {
+                        Error::catalog(what(&format!("removing the row of blob {}", e.id)), err)
+                    })?;
+                }
+            }
+            tx.execute("DELETE FROM packs WHERE pack_id = ?1", [pack_id])
+                .map_err(|e| Error::catalog(what("removing its pack row"), e))?;
+        }
+        tx.commit()
+            .map_err(|e| Error::catalog(what("committing"), e))
     }
 
-    /// Packs holding only blobs of `kind` (and at least one), by name.
+    /// Packs holding only blobs of `kind` (and at least one), by name: from
+    /// `packs.kind`, without reading blob rows.
     pub fn packs_only_of(&self, kind: BlobKind) -> Result<Vec<Id>> {
         let mut st = self
             .conn
-            .prepare_cached(
-                "SELECT p.name FROM packs p
-                 WHERE EXISTS (SELECT 1 FROM blobs b WHERE b.pack_id = p.pack_id)
-                   AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.pack_id = p.pack_id AND b.kind != ?1)
-                 ORDER BY p.name",
-            )
+            .prepare_cached(PACKS_OF_KIND_SQL)
             .map_err(cat_err("preparing pack list by kind"))?;
         let rows = st
             .query_map([kind as u8], |r| r.get::<_, Vec<u8>>(0))
@@ -437,6 +585,11 @@ impl Catalog {
     }
 
     /// The blobs catalogued in pack `name`, by offset.
+    ///
+    /// A full scan of the blob rows (schema 2 has no index by pack): for
+    /// tests, diagnostics and the rare pack whose trailer is unreadable.
+    /// To visit every pack's rows use [`Catalog::for_each_blob_by_pack`];
+    /// to learn what a pack holds, read its trailer.
     pub fn blobs_in_pack(&self, name: &Id) -> Result<Vec<PackEntry>> {
         let mut st = self
             .conn
@@ -446,15 +599,7 @@ impl Catalog {
             )
             .map_err(cat_err("preparing pack contents"))?;
         let rows = st
-            .query_map([&name.0[..]], |r| {
-                Ok((
-                    r.get::<_, u8>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, u32>(3)?,
-                    r.get::<_, u32>(4)?,
-                ))
-            })
+            .query_map([&name.0[..]], |r| blob_columns(r, 0))
             .map_err(cat_err("listing pack contents"))?;
         let mut out = Vec::new();
         for row in rows {
@@ -468,6 +613,100 @@ impl Catalog {
                 length: len,
                 raw_length: raw,
             });
+        }
+        Ok(out)
+    }
+
+    /// Call `f` once per pack that has blob rows, with the pack's name and
+    /// its rows by offset, in one pass over the blob rows. SQLite sorts them
+    /// by pack (in bounded memory, spilling to temporary files), so this
+    /// holds one pack's rows at a time. Packs without rows are not visited:
+    /// list them with [`Catalog::packs`]. Rows whose pack row is missing are
+    /// not visited either: see [`Catalog::blobs_without_pack`].
+    ///
+    /// The statement stays open, in one read snapshot, until the last call
+    /// returns; `f` may use other connections but should not write through
+    /// this one. An error from `f` stops the pass and is returned.
+    pub fn for_each_blob_by_pack(
+        &self,
+        mut f: impl FnMut(Id, Vec<PackEntry>) -> Result<()>,
+    ) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare(BLOBS_BY_PACK_SQL)
+            .map_err(cat_err("preparing the pass over blobs by pack"))?;
+        let mut rows = st
+            .query([])
+            .map_err(cat_err("starting the pass over blobs by pack"))?;
+        let mut current: Option<(i64, Id)> = None;
+        let mut group = Vec::new();
+        while let Some(r) = rows.next().map_err(cat_err("reading blob rows by pack"))? {
+            let pack_id: i64 = r.get(0).map_err(cat_err("reading a blob's pack"))?;
+            let pack = match current {
+                Some((p, name)) if p == pack_id => name,
+                _ => {
+                    if let Some((_, name)) = current.take() {
+                        f(name, std::mem::take(&mut group))?;
+                    }
+                    let name: Vec<u8> = r.get(1).map_err(cat_err("reading a pack name"))?;
+                    let name = Id::from_slice(&name).ok_or_else(|| {
+                        Error::corrupt(
+                            "catalog",
+                            format!("name of pack row {pack_id} not 32 bytes"),
+                        )
+                    })?;
+                    current = Some((pack_id, name));
+                    name
+                }
+            };
+            let (k, id, off, len, raw) = blob_columns(r, 2)
+                .map_err(|e| Error::catalog(format!("reading a blob row of pack {pack}"), e))?;
+            let id = Id::from_slice(&id).ok_or_else(|| {
+                Error::corrupt(
+                    "catalog",
+                    format!("a blob id in pack {pack} is not 32 bytes"),
+                )
+            })?;
+            group.push(PackEntry {
+                kind: BlobKind::from_u8(k).ok_or_else(|| {
+                    Error::corrupt("catalog", format!("blob {id} in pack {pack} has kind {k}"))
+                })?,
+                id,
+                offset: off as u64,
+                length: len,
+                raw_length: raw,
+            });
+        }
+        if let Some((_, name)) = current {
+            f(name, group)?;
+        }
+        Ok(())
+    }
+
+    /// Blob rows whose `pack_id` has no pack row, as (blob id, pack_id): a
+    /// pack forgotten without all its rows listed (see
+    /// [`Catalog::forget_pack`]). A full scan, for `check`.
+    pub fn blobs_without_pack(&self) -> Result<Vec<(Id, i64)>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT b.id, b.pack_id FROM blobs b
+                 WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.pack_id = b.pack_id)",
+            )
+            .map_err(cat_err("preparing the search for blobs without a pack"))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(cat_err("searching blobs without a pack"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, pack_id) = row.map_err(cat_err("reading a blob without a pack"))?;
+            let id = Id::from_slice(&id).ok_or_else(|| {
+                Error::corrupt(
+                    "catalog",
+                    format!("a blob id of pack row {pack_id} is not 32 bytes"),
+                )
+            })?;
+            out.push((id, pack_id));
         }
         Ok(out)
     }
@@ -496,5 +735,353 @@ impl Catalog {
         } else {
             Ok(Err(rows.join("; ")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schema-1 SQL, as `git show` gives it for the last schema-1 commit.
+    const SCHEMA_V1: &str = "
+CREATE TABLE packs (
+    pack_id INTEGER PRIMARY KEY,
+    name    BLOB NOT NULL UNIQUE,
+    size    INTEGER NOT NULL,
+    blobs   INTEGER NOT NULL
+);
+CREATE TABLE blobs (
+    id         BLOB PRIMARY KEY,
+    kind       INTEGER NOT NULL,
+    pack_id    INTEGER NOT NULL REFERENCES packs(pack_id),
+    offset     INTEGER NOT NULL,
+    length     INTEGER NOT NULL,
+    raw_length INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX blobs_by_pack ON blobs(pack_id);
+CREATE TABLE snapshots (
+    id      BLOB PRIMARY KEY,
+    time_ns INTEGER NOT NULL,
+    tree    BLOB NOT NULL,
+    json    TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX snapshots_by_time ON snapshots(time_ns);
+";
+
+    fn id(n: u32) -> Id {
+        let mut b = [0u8; 32];
+        b[..4].copy_from_slice(&n.to_be_bytes());
+        // Spread ids so that blob-id order interleaves the packs.
+        b[4..8].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_be_bytes());
+        Id(*blake3::hash(&b).as_bytes())
+    }
+
+    fn entry(kind: BlobKind, n: u32, offset: u64) -> PackEntry {
+        PackEntry {
+            kind,
+            id: id(n),
+            offset,
+            length: 100 + n,
+            raw_length: 90 + n,
+        }
+    }
+
+    fn pack_name(n: u8) -> Id {
+        Id([n; 32])
+    }
+
+    fn fresh() -> (tempfile::TempDir, Catalog) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cat = Catalog::create(&dir.path().join("catalog.db")).expect("create");
+        (dir, cat)
+    }
+
+    fn sqlite_master_has(cat: &Catalog, name: &str) -> bool {
+        cat.conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+                [name],
+                |r| r.get::<_, i64>(0),
+            )
+            .expect("sqlite_master")
+            > 0
+    }
+
+    /// A schema-1 catalog as the previous build wrote it: data-only pack 1,
+    /// tree-only pack 2, mixed pack 3, pack 4 without blob rows.
+    fn write_schema_1(path: &Path) -> Vec<(Id, Vec<PackEntry>)> {
+        let conn = Connection::open(path).expect("open v1");
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .expect("wal");
+        conn.execute_batch(SCHEMA_V1).expect("v1 schema");
+        conn.pragma_update(None, "user_version", 1).expect("v1");
+        let packs = vec![
+            (
+                pack_name(1),
+                vec![entry(BlobKind::Data, 1, 8), entry(BlobKind::Data, 2, 200)],
+            ),
+            (
+                pack_name(2),
+                vec![entry(BlobKind::Tree, 3, 8), entry(BlobKind::Tree, 4, 300)],
+            ),
+            (
+                pack_name(3),
+                vec![entry(BlobKind::Tree, 5, 8), entry(BlobKind::Data, 6, 400)],
+            ),
+            (pack_name(4), vec![]),
+        ];
+        for (name, entries) in &packs {
+            conn.execute(
+                "INSERT INTO packs(name, size, blobs) VALUES (?1, 1000, ?2)",
+                params![&name.0[..], entries.len() as i64],
+            )
+            .expect("v1 pack");
+            for e in entries {
+                conn.execute(
+                    "INSERT INTO blobs(id, kind, pack_id, offset, length, raw_length)
+                     VALUES (?1, ?2, (SELECT pack_id FROM packs WHERE name = ?3), ?4, ?5, ?6)",
+                    params![
+                        &e.id.0[..],
+                        e.kind as u8,
+                        &name.0[..],
+                        e.offset as i64,
+                        e.length,
+                        e.raw_length
+                    ],
+                )
+                .expect("v1 blob");
+            }
+        }
+        packs
+    }
+
+    #[test]
+    fn open_migrates_schema_1() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.db");
+        let packs = write_schema_1(&path);
+
+        // A reader does not migrate.
+        let reader = Catalog::open_reader(&path).expect("reader");
+        assert_eq!(reader.schema_version().expect("v"), 1);
+        assert!(sqlite_master_has(&reader, "blobs_by_pack"));
+        drop(reader);
+
+        let mut cat = Catalog::open(&path).expect("open migrates");
+        assert_eq!(cat.schema_version().expect("v"), SCHEMA_VERSION);
+        assert!(!sqlite_master_has(&cat, "blobs_by_pack"), "index dropped");
+        let kinds: Vec<(Vec<u8>, i64)> = cat
+            .conn
+            .prepare("SELECT name, kind FROM packs ORDER BY name")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("kinds")
+            .collect::<rusqlite::Result<_>>()
+            .expect("kinds");
+        let want: Vec<(Vec<u8>, i64)> = [0, 1, 2, 2]
+            .iter()
+            .zip(&packs)
+            .map(|(k, (n, _))| (n.0.to_vec(), *k))
+            .collect();
+        assert_eq!(kinds, want, "data, tree, mixed, no rows");
+        assert_eq!(
+            cat.packs_only_of(BlobKind::Data).expect("data"),
+            vec![pack_name(1)]
+        );
+        assert_eq!(
+            cat.packs_only_of(BlobKind::Tree).expect("tree"),
+            vec![pack_name(2)]
+        );
+        for (name, entries) in &packs {
+            for e in entries {
+                let loc = cat.lookup(&e.id).expect("lookup").expect("catalogued");
+                assert_eq!(
+                    (loc.kind, loc.pack, loc.offset, loc.length, loc.raw_length),
+                    (e.kind, *name, e.offset, e.length, e.raw_length)
+                );
+            }
+        }
+        assert_eq!(cat.blob_count().expect("count"), 6);
+        // It takes new packs, and opening it again changes nothing.
+        cat.insert_pack(&pack_name(5), 10, &[entry(BlobKind::Data, 7, 8)])
+            .expect("insert after migration");
+        drop(cat);
+        let cat = Catalog::open(&path).expect("reopen");
+        assert_eq!(
+            cat.packs_only_of(BlobKind::Data).expect("data"),
+            vec![pack_name(1), pack_name(5)]
+        );
+        assert_eq!(cat.integrity_check().expect("check"), Ok(()));
+    }
+
+    #[test]
+    fn open_refuses_other_schema_versions() {
+        for v in [0, 3, 99] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("catalog.db");
+            write_schema_1(&path);
+            Connection::open(&path)
+                .expect("open")
+                .pragma_update(None, "user_version", v)
+                .expect("version");
+            let err = Catalog::open(&path).err().expect("refused").to_string();
+            assert!(
+                err.contains(&format!("catalog schema {v}, this build reads 2")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn insert_pack_records_the_pack_kind() {
+        let (_dir, mut cat) = fresh();
+        cat.insert_pack(&pack_name(1), 1, &[entry(BlobKind::Data, 1, 8)])
+            .expect("data");
+        cat.insert_pack(&pack_name(2), 1, &[entry(BlobKind::Tree, 2, 8)])
+            .expect("tree");
+        let mixed = [entry(BlobKind::Data, 3, 8), entry(BlobKind::Tree, 4, 9)];
+        cat.insert_pack(&pack_name(3), 1, &mixed).expect("mixed");
+        cat.insert_pack(&pack_name(4), 1, &[]).expect("empty");
+        // Data blob catalogued in pack 1 already: pack 5 has no rows, but its
+        // trailer lists only data.
+        cat.insert_pack(&pack_name(5), 1, &[entry(BlobKind::Data, 1, 8)])
+            .expect("duplicate");
+        assert_eq!(
+            cat.packs_only_of(BlobKind::Data).expect("data"),
+            vec![pack_name(1), pack_name(5)]
+        );
+        assert_eq!(
+            cat.packs_only_of(BlobKind::Tree).expect("tree"),
+            vec![pack_name(2)]
+        );
+    }
+
+    #[test]
+    fn forget_pack_keeps_rows_catalogued_in_another_pack() {
+        let (_dir, mut cat) = fresh();
+        let a = [entry(BlobKind::Data, 1, 8), entry(BlobKind::Data, 2, 200)];
+        // Pack b lists blob 2 again (a concurrent writer stored it too): its
+        // catalogued copy stays the one in pack a.
+        let b = [entry(BlobKind::Data, 2, 8), entry(BlobKind::Data, 3, 300)];
+        cat.insert_pack(&pack_name(1), 1000, &a).expect("a");
+        cat.insert_pack(&pack_name(2), 1000, &b).expect("b");
+        assert_eq!(
+            cat.lookup(&id(2)).expect("l").expect("2").pack,
+            pack_name(1)
+        );
+
+        cat.forget_pack(&pack_name(2), &b).expect("forget b");
+        let loc = cat.lookup(&id(2)).expect("lookup").expect("2 kept");
+        assert_eq!((loc.pack, loc.offset), (pack_name(1), 200));
+        assert!(cat.lookup(&id(3)).expect("lookup").is_none());
+        assert!(cat.contains(&id(1)).expect("contains"));
+        let names: Vec<Id> = cat.packs().expect("packs").iter().map(|p| p.0).collect();
+        assert_eq!(names, vec![pack_name(1)]);
+        assert!(cat.blobs_without_pack().expect("orphans").is_empty());
+
+        // Again, and a pack never catalogued: nothing to do.
+        cat.forget_pack(&pack_name(2), &b).expect("idempotent");
+        cat.forget_pack(&pack_name(9), &a).expect("unknown pack");
+        assert_eq!(cat.blob_count().expect("count"), 2);
+        cat.forget_pack(&pack_name(1), &a).expect("forget a");
+        assert_eq!(cat.blob_count().expect("count"), 0);
+        assert!(cat.packs().expect("packs").is_empty());
+    }
+
+    #[test]
+    fn forget_pack_does_not_look_for_unlisted_rows() {
+        // Foreign keys are off while the pack row goes (the check would scan
+        // every blob row), so a row left out of `entries` stays behind, and
+        // `blobs_without_pack` finds it; enforcement is back on afterwards.
+        let (_dir, mut cat) = fresh();
+        let a = [entry(BlobKind::Data, 1, 8), entry(BlobKind::Data, 2, 200)];
+        cat.insert_pack(&pack_name(1), 1000, &a).expect("a");
+        cat.forget_pack(&pack_name(1), &a[..1])
+            .expect("forget with a row unlisted");
+        let fk: i64 = cat
+            .conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .expect("fk");
+        assert_eq!(fk, 1, "foreign keys enforced again");
+        let orphans = cat.blobs_without_pack().expect("orphans");
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].0, id(2));
+        assert!(cat.lookup(&id(2)).expect("lookup").is_none());
+    }
+
+    #[test]
+    fn for_each_blob_by_pack_groups_rows_by_pack() {
+        let (_dir, mut cat) = fresh();
+        let mut want = Vec::new();
+        let mut n = 0;
+        for p in 1..=5u8 {
+            // Offsets inserted out of order; pack 3 has no rows.
+            let count = if p == 3 { 0 } else { 3 + p as u32 };
+            let entries: Vec<PackEntry> = (0..count)
+                .rev()
+                .map(|i| {
+                    n += 1;
+                    let kind = if i % 2 == 0 {
+                        BlobKind::Data
+                    } else {
+                        BlobKind::Tree
+                    };
+                    entry(kind, n, 8 + 1000 * i as u64)
+                })
+                .collect();
+            cat.insert_pack(&pack_name(p), 10_000, &entries)
+                .expect("insert");
+            let mut sorted = entries.clone();
+            sorted.sort_by_key(|e| e.offset);
+            if !sorted.is_empty() {
+                want.push((pack_name(p), sorted));
+            }
+        }
+        let mut got = Vec::new();
+        cat.for_each_blob_by_pack(|name, rows| {
+            got.push((name, rows));
+            Ok(())
+        })
+        .expect("pass");
+        assert_eq!(got, want);
+        for (name, rows) in &want {
+            assert_eq!(&cat.blobs_in_pack(name).expect("blobs_in_pack"), rows);
+        }
+
+        // An error from the callback stops the pass and comes back.
+        let mut calls = 0;
+        let err = cat
+            .for_each_blob_by_pack(|_, _| {
+                calls += 1;
+                Err(Error::Refused("stop".into()))
+            })
+            .expect_err("error returned");
+        assert_eq!(calls, 1);
+        assert!(err.to_string().contains("stop"), "{err}");
+    }
+
+    #[test]
+    fn pack_queries_do_not_scan_per_pack() {
+        let (_dir, cat) = fresh();
+        let plan = |sql: &str| -> String {
+            let mut st = cat
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain");
+            let nulls = std::iter::repeat_n(rusqlite::types::Null, st.parameter_count());
+            let rows: Vec<String> = st
+                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+                .expect("plan")
+                .collect::<rusqlite::Result<_>>()
+                .expect("plan");
+            rows.join("; ")
+        };
+        let p = plan(BLOBS_BY_PACK_SQL);
+        assert!(p.contains("SCAN b") && !p.contains("AUTOMATIC"), "{p}");
+        assert!(p.contains("SEARCH p USING INTEGER PRIMARY KEY"), "{p}");
+        let p = plan(FORGET_BLOB_SQL);
+        assert!(p.contains("SEARCH blobs USING PRIMARY KEY (id=?)"), "{p}");
+        let p = plan(PACKS_OF_KIND_SQL);
+        assert!(!p.contains("blobs"), "{p}");
     }
 }

@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::blob;
 use crate::error::Result;
 use crate::id::Id;
+use crate::pack::PackEntry;
 use crate::pack::reader::{read_trailer, verify_checksum};
 use crate::repo::Repository;
 use crate::snapshot;
@@ -81,62 +82,56 @@ pub fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
             format!("SQLite integrity check: {e}"),
         );
     }
-    let packs = cat.packs()?;
     drop(cat);
+    // One read snapshot for the pack list and the pass over blob rows, taken
+    // before listing the store: a pack is durable before its row commits,
+    // so every pack in the snapshot is in the listing. With `read_data` it
+    // lasts while every pack is read; meanwhile checkpoints cannot pass it,
+    // so concurrent writers grow `catalog.db-wal` until the check ends.
+    let reader = crate::catalog::Catalog::open_reader(&repo.catalog_path())?;
+    reader.begin_read()?;
+    let packs = reader.packs()?;
     let stored: BTreeSet<Id> = repo.store().list()?.into_iter().collect();
-    let catalogued: BTreeSet<Id> = packs.iter().map(|p| p.0).collect();
-    r.unreferenced_packs = stored.difference(&catalogued).copied().collect();
+    let catalogued: BTreeMap<Id, u64> = packs.iter().map(|p| (p.0, p.1)).collect();
+    drop(packs);
+    r.unreferenced_packs = stored
+        .iter()
+        .filter(|n| !catalogued.contains_key(n))
+        .copied()
+        .collect();
 
-    // Packs: present, right size, trailer agrees with the catalog.
-    for (name, size, _) in &packs {
-        r.packs += 1;
-        let rows = repo.catalog()?.blobs_in_pack(name)?;
-        let mut fail = |r: &mut CheckReport, detail: String| {
-            for b in &rows {
-                bad_blobs
-                    .entry(b.id)
-                    .or_insert_with(|| format!("in damaged pack {name}"));
-            }
-            problem(r, "pack", Some(*name), detail);
-        };
-        if !stored.contains(name) {
-            fail(&mut r, "missing from the pack store".into());
-            continue;
+    // Packs: present, right size, trailer agrees with the catalog. Each
+    // pack's rows come from one sorted pass (no index by pack); packs
+    // without rows are checked after it. Problems are sorted by pack name.
+    let first_pack_problem = r.problems.len();
+    let mut unvisited: BTreeSet<Id> = catalogued.keys().copied().collect();
+    let pc = PackCheck {
+        repo,
+        stored: &stored,
+        read_data,
+    };
+    reader.for_each_blob_by_pack(|name, rows| {
+        // Same snapshot as `packs`: every pack with rows is listed there.
+        if let Some(&size) = catalogued.get(&name) {
+            unvisited.remove(&name);
+            pc.check(&name, size, &rows, &mut r, &mut bad_blobs);
         }
-        match repo.store().size(name) {
-            Ok(s) if s == *size => {}
-            Ok(s) => {
-                fail(
-                    &mut r,
-                    format!("is {s} bytes, catalogued as {size} (truncated?)"),
-                );
-                continue;
-            }
-            Err(e) => {
-                fail(&mut r, e.to_string());
-                continue;
-            }
-        }
-        match read_trailer(repo.store().as_ref(), name, &repo.keys().metadata) {
-            Ok(mut entries) => {
-                entries.sort_by_key(|e| e.offset);
-                let listed: HashSet<_> =
-                    entries.iter().map(|e| (e.id, e.offset, e.length)).collect();
-                for b in &rows {
-                    if !listed.contains(&(b.id, b.offset, b.length)) {
-                        bad_blobs.insert(
-                            b.id,
-                            format!("catalogued in pack {name} but not in its trailer"),
-                        );
-                    }
-                }
-                if read_data {
-                    read_pack_data(repo, name, &rows, &mut r, &mut bad_blobs);
-                }
-            }
-            Err(e) => fail(&mut r, format!("trailer unreadable: {e}")),
-        }
+        Ok(())
+    })?;
+    for (name, &size) in catalogued.iter().filter(|(n, _)| unvisited.contains(n)) {
+        pc.check(name, size, &[], &mut r, &mut bad_blobs);
     }
+    r.problems[first_pack_problem..].sort_by_key(|p| p.id);
+    for (id, pack_id) in reader.blobs_without_pack()? {
+        bad_blobs.insert(
+            id,
+            format!(
+                "catalogued in pack row {pack_id}, which the catalog does not have \
+                 (a pack forgotten without all its rows); run `hubvault repo rebuild-catalog`"
+            ),
+        );
+    }
+    reader.end_read()?;
 
     // Snapshots: files and rows agree; every tree opens; every blob is catalogued.
     let rows = repo.snapshots()?;
@@ -161,7 +156,6 @@ pub fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
     // snapshot); data ids are looked up per reference rather than remembered,
     // so memory stays bounded by the number of trees, not of blobs.
     let mut seen_trees = HashSet::new();
-    let reader = crate::catalog::Catalog::open_reader(&repo.catalog_path())?;
     for (sid, snap) in &rows {
         r.snapshots += 1;
         if !repo.snapshots_dir().join(sid.to_hex()).exists() {
@@ -222,11 +216,85 @@ pub fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
     Ok(r)
 }
 
+/// What checking one pack needs besides the pack.
+struct PackCheck<'a> {
+    repo: &'a Repository,
+    /// Packs in the store.
+    stored: &'a BTreeSet<Id>,
+    read_data: bool,
+}
+
+impl PackCheck<'_> {
+    /// Check catalogued pack `name` of `size` bytes, whose catalogued blob
+    /// rows are `rows`: present in the store, of that size, with a trailer
+    /// listing every row; with `read_data`, its checksum and blobs.
+    fn check(
+        &self,
+        name: &Id,
+        size: u64,
+        rows: &[PackEntry],
+        r: &mut CheckReport,
+        bad_blobs: &mut BTreeMap<Id, String>,
+    ) {
+        let repo = self.repo;
+        r.packs += 1;
+        let mut fail = |r: &mut CheckReport, detail: String| {
+            for b in rows {
+                bad_blobs
+                    .entry(b.id)
+                    .or_insert_with(|| format!("in damaged pack {name}"));
+            }
+            r.problems.push(Problem {
+                what: "pack".into(),
+                id: Some(*name),
+                detail,
+                used_by: Vec::new(),
+            });
+        };
+        if !self.stored.contains(name) {
+            fail(r, "missing from the pack store".into());
+            return;
+        }
+        match repo.store().size(name) {
+            Ok(s) if s == size => {}
+            Ok(s) => {
+                fail(
+                    r,
+                    format!("is {s} bytes, catalogued as {size} (truncated?)"),
+                );
+                return;
+            }
+            Err(e) => {
+                fail(r, e.to_string());
+                return;
+            }
+        }
+        match read_trailer(repo.store().as_ref(), name, &repo.keys().metadata) {
+            Ok(entries) => {
+                let listed: HashSet<_> =
+                    entries.iter().map(|e| (e.id, e.offset, e.length)).collect();
+                for b in rows {
+                    if !listed.contains(&(b.id, b.offset, b.length)) {
+                        bad_blobs.insert(
+                            b.id,
+                            format!("catalogued in pack {name} but not in its trailer"),
+                        );
+                    }
+                }
+                if self.read_data {
+                    read_pack_data(repo, name, rows, r, bad_blobs);
+                }
+            }
+            Err(e) => fail(r, format!("trailer unreadable: {e}")),
+        }
+    }
+}
+
 /// Verify the checksum of pack `name` and open each of its blobs.
 fn read_pack_data(
     repo: &Repository,
     name: &Id,
-    rows: &[crate::pack::PackEntry],
+    rows: &[PackEntry],
     r: &mut CheckReport,
     bad: &mut BTreeMap<Id, String>,
 ) {
@@ -290,4 +358,141 @@ fn find_users(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::{self, BackupOptions, ParentChoice};
+    use crate::blob::BlobKind;
+    use crate::config::RepoConfig;
+    use crate::keyring::KdfParams;
+    use crate::repo::LockMode;
+
+    fn entry(n: u8, offset: u64) -> PackEntry {
+        PackEntry {
+            kind: BlobKind::Data,
+            id: Id([n; 32]),
+            offset,
+            length: 10,
+            raw_length: 10,
+        }
+    }
+
+    fn detail_of<'a>(r: &'a CheckReport, what: &str, id: Id) -> Vec<&'a str> {
+        r.problems
+            .iter()
+            .filter(|p| p.what == what && p.id == Some(id))
+            .map(|p| p.detail.as_str())
+            .collect()
+    }
+
+    /// Every per-pack finding, with the rows of each pack coming from the
+    /// one pass over blob rows, and packs without rows checked too.
+    #[test]
+    fn check_finds_what_is_wrong_with_each_pack() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("repo");
+        let kdf = KdfParams {
+            m_cost_kib: 64,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        Repository::init(&root, b"pw", kdf, RepoConfig::new().expect("config")).expect("init");
+        let repo = Repository::open(&root, b"pw", LockMode::Shared).expect("open");
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).expect("mkdir");
+        std::fs::write(src.join("f"), b"some content").expect("write");
+        let opts = BackupOptions {
+            parent: ParentChoice::None,
+            threads: 1,
+            ..BackupOptions::default()
+        };
+        backup::backup(&repo, &[src], &opts).expect("backup");
+        let clean = check(&repo, true).expect("check");
+        assert!(clean.is_ok(), "{:#?}", clean.problems);
+        let real = repo.catalog().expect("c").packs().expect("packs");
+        let real_count = real.len() as u64;
+        let (real_pack, real_size, _) = real[0];
+
+        let (no_rows, gone, orphaned) = (Id([0xf0; 32]), Id([0x01; 32]), Id([0x02; 32]));
+        {
+            let mut cat = repo.catalog().expect("c");
+            // A pack without rows (its one blob catalogued elsewhere), no file.
+            cat.insert_pack(&no_rows, 100, &[])
+                .expect("pack without rows");
+            // A pack with rows, no file.
+            cat.insert_pack(&gone, 100, &[entry(1, 8), entry(2, 18)])
+                .expect("missing pack");
+            // A row in the real pack that its trailer does not list.
+            cat.insert_pack(&real_pack, real_size, &[entry(3, 8)])
+                .expect("extra row");
+            // A row left behind by a pack forgotten without it.
+            cat.insert_pack(&orphaned, 100, &[entry(4, 8), entry(5, 18)])
+                .expect("orphaned");
+            cat.forget_pack(&orphaned, &[entry(4, 8)]).expect("forget");
+        }
+        let r = check(&repo, false).expect("check");
+        assert_eq!(r.packs, real_count + 2);
+        assert_eq!(
+            detail_of(&r, "pack", no_rows),
+            vec!["missing from the pack store"]
+        );
+        assert_eq!(
+            detail_of(&r, "pack", gone),
+            vec!["missing from the pack store"]
+        );
+        let gone_msg = format!("in damaged pack {gone}");
+        assert_eq!(detail_of(&r, "blob", Id([1; 32])), vec![gone_msg.as_str()]);
+        assert_eq!(detail_of(&r, "blob", Id([2; 32])), vec![gone_msg.as_str()]);
+        assert_eq!(
+            detail_of(&r, "blob", Id([3; 32])),
+            vec![format!("catalogued in pack {real_pack} but not in its trailer").as_str()]
+        );
+        let orphan = detail_of(&r, "blob", Id([5; 32]));
+        assert!(
+            orphan.len() == 1 && orphan[0].contains("which the catalog does not have"),
+            "{orphan:?}"
+        );
+        assert!(detail_of(&r, "blob", Id([4; 32])).is_empty());
+        // Pack problems come sorted by pack name.
+        let pack_ids: Vec<Id> = r
+            .problems
+            .iter()
+            .filter(|p| p.what == "pack")
+            .filter_map(|p| p.id)
+            .collect();
+        assert_eq!(pack_ids, vec![gone, no_rows]);
+
+        // A truncated pack names its blobs.
+        let store = crate::store::dir::DirStore::new(root.join("packs"), root.join("tmp"));
+        let path = store.path_of(&real_pack);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .expect("open pack");
+        f.set_len(real_size / 2).expect("truncate");
+        let r = check(&repo, false).expect("check");
+        assert_eq!(
+            detail_of(&r, "pack", real_pack),
+            vec![
+                format!(
+                    "is {} bytes, catalogued as {real_size} (truncated?)",
+                    real_size / 2
+                )
+                .as_str()
+            ]
+        );
+        let rows = repo
+            .catalog()
+            .expect("c")
+            .blobs_in_pack(&real_pack)
+            .expect("rows");
+        for b in rows.iter().filter(|b| b.id != Id([3; 32])) {
+            assert_eq!(
+                detail_of(&r, "blob", b.id),
+                vec![format!("in damaged pack {real_pack}").as_str()]
+            );
+        }
+    }
 }

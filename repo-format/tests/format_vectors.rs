@@ -203,7 +203,7 @@ fn limits_and_magics_match_consts() {
     // Derived sizes and other limits.
     assert_eq!(ENTRY_LEN, 49);
     assert_eq!(FOOTER_LEN, 12);
-    assert_eq!(SCHEMA_VERSION, 1);
+    assert_eq!(SCHEMA_VERSION, 2);
     assert_doc_has(&format!(
         "| trailer entry / footer | {ENTRY_LEN} bytes / {FOOTER_LEN} bytes |"
     ));
@@ -544,7 +544,7 @@ fn catalog_schema() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(sqls.len(), 5, "three tables and two indexes: {sqls:?}");
+    assert_eq!(sqls.len(), 4, "three tables and one index: {sqls:?}");
     for sql in sqls {
         assert!(
             schema.contains(&format!("{sql};")),

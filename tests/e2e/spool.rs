@@ -52,10 +52,11 @@ fn dropped_data_is_not_stored_again_when_stored_elsewhere() {
         .expect("data");
     let mut elsewhere = HashSet::new();
     for p in &data_packs {
-        for b in r.catalog().expect("c").blobs_in_pack(p).expect("blobs") {
+        let blobs = r.catalog().expect("c").blobs_in_pack(p).expect("blobs");
+        for b in &blobs {
             elsewhere.insert(b.id);
         }
-        r.drop_pack(p).expect("drop");
+        r.drop_pack(p, &blobs).expect("drop");
     }
     assert!(
         r.catalog()
