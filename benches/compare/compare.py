@@ -871,6 +871,9 @@ def goals(res: dict, tools: list[str]) -> list[dict]:
             ratio(_get(res, "restic", "nochange", "wall_s"), _get(res, hv, "nochange", "wall_s")), 4.0)
         add("mutation re-backup ≥ 3× faster than restic",
             ratio(_get(res, "restic", "mutation", "wall_s"), _get(res, hv, "mutation", "wall_s")), 3.0)
+        add("mutation adds no more than restic's (restic growth / hubvault growth)",
+            ratio(_get(res, "restic", "mutation", "repo_growth_bytes"),
+                  _get(res, hv, "mutation", "repo_growth_bytes")), 1.0)
         add("restore ≥ 2.5× faster than restic",
             ratio(_get(res, "restic", "restore", "wall_s"), _get(res, hv, "restore", "wall_s")), 2.5)
         add("repository no larger than restic's (restic size / hubvault size)",
