@@ -250,15 +250,8 @@ impl<'r> Shared<'r> {
     /// (`contains` asks the catalog) nor already claimed by this backup. (A
     /// race with a concurrent writer can store a blob twice; the catalog
     /// keeps the first copy.)
-    pub(crate) fn claim(
-        &self,
-        id: &Id,
-        mut contains: impl FnMut(&Id) -> Result<bool>,
-    ) -> Result<bool> {
-        if self.claims.is_claimed(id)? || contains(id)? {
-            return Ok(false);
-        }
-        self.claims.try_claim(id)
+    pub(crate) fn claim(&self, id: &Id, contains: impl FnMut(&Id) -> Result<bool>) -> Result<bool> {
+        self.claim_unless(id, contains, |_| false)
     }
 
     /// [`Shared::claim`] for a data chunk, which is also not stored when
@@ -266,14 +259,19 @@ impl<'r> Shared<'r> {
     pub(crate) fn claim_data(
         &self,
         id: &Id,
-        mut contains: impl FnMut(&Id) -> Result<bool>,
+        contains: impl FnMut(&Id) -> Result<bool>,
     ) -> Result<bool> {
-        if self.claims.is_claimed(id)? || contains(id)? {
-            return Ok(false);
-        }
-        if let Some(s) = &self.stored_elsewhere
-            && (s.0)(id)
-        {
+        let elsewhere = |id: &Id| self.stored_elsewhere.as_ref().is_some_and(|s| (s.0)(id));
+        self.claim_unless(id, contains, elsewhere)
+    }
+
+    fn claim_unless(
+        &self,
+        id: &Id,
+        mut contains: impl FnMut(&Id) -> Result<bool>,
+        stored_elsewhere: impl Fn(&Id) -> bool,
+    ) -> Result<bool> {
+        if self.claims.is_claimed(id)? || contains(id)? || stored_elsewhere(id) {
             return Ok(false);
         }
         self.claims.try_claim(id)
