@@ -365,9 +365,6 @@ mod tests {
     use super::*;
     use crate::backup::{self, BackupOptions, ParentChoice};
     use crate::blob::BlobKind;
-    use crate::config::RepoConfig;
-    use crate::keyring::KdfParams;
-    use crate::repo::LockMode;
 
     fn entry(n: u8, offset: u64) -> PackEntry {
         PackEntry {
@@ -393,13 +390,7 @@ mod tests {
     fn check_finds_what_is_wrong_with_each_pack() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("repo");
-        let kdf = KdfParams {
-            m_cost_kib: 64,
-            t_cost: 1,
-            p_cost: 1,
-        };
-        Repository::init(&root, b"pw", kdf, RepoConfig::new().expect("config")).expect("init");
-        let repo = Repository::open(&root, b"pw", LockMode::Shared).expect("open");
+        let repo = crate::repo::test_repository(&root);
         let src = dir.path().join("src");
         std::fs::create_dir(&src).expect("mkdir");
         std::fs::write(src.join("f"), b"some content").expect("write");

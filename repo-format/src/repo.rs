@@ -318,6 +318,19 @@ impl Repository {
     }
 }
 
+/// A new repository at `root` with the cheapest key derivation, opened
+/// shared (unit tests of this crate).
+#[cfg(test)]
+pub(crate) fn test_repository(root: &Path) -> Repository {
+    let kdf = KdfParams {
+        m_cost_kib: 64,
+        t_cost: 1,
+        p_cost: 1,
+    };
+    Repository::init(root, b"pw", kdf, RepoConfig::new().expect("config")).expect("init");
+    Repository::open(root, b"pw", LockMode::Shared).expect("open")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,13 +355,7 @@ mod tests {
     fn forget_snapshot_removes_file_and_row_and_is_idempotent() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("repo");
-        let kdf = KdfParams {
-            m_cost_kib: 64,
-            t_cost: 1,
-            p_cost: 1,
-        };
-        Repository::init(&root, b"pw", kdf, RepoConfig::new().expect("config")).expect("init");
-        let repo = Repository::open(&root, b"pw", LockMode::Shared).expect("open");
+        let repo = test_repository(&root);
         let a = repo.commit_snapshot(&snap(1)).expect("commit a");
         let b = repo.commit_snapshot(&snap(2)).expect("commit b");
         repo.forget_snapshot(&a).expect("forget");
