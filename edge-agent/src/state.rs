@@ -124,10 +124,17 @@ impl StateDir {
     pub fn spool(&self) -> Result<(repo_format::Repository, crate::acked::Acked)> {
         let pass =
             String::from_utf8(self.read("passphrase")?).context("passphrase file is not text")?;
-        let repo = repo_format::Repository::open(
-            &self.path("spool"),
+        let root = self.path("spool");
+        // Buffered pack writes: the upload reads each spool pack right after
+        // it is written, from the page cache (direct writes would send it to
+        // the disk and back).
+        let store = repo_format::store::dir::DirStore::new(root.join("packs"), root.join("tmp"))
+            .with_direct_writes(false);
+        let repo = repo_format::Repository::open_with_store(
+            &root,
             pass.trim().as_bytes(),
             repo_format::LockMode::Shared,
+            std::sync::Arc::new(store),
         )
         .context("opening the spool repository")?;
         let acked = crate::acked::Acked::open(&self.path("acked.db"))?;

@@ -50,3 +50,25 @@ pub fn tmp_name(path: &Path) -> std::path::PathBuf {
     tmp.extend_from_slice(format!(".tmp-{}", crate::id::hex_encode(&rnd)).as_bytes());
     path.with_file_name(std::ffi::OsString::from_vec(tmp))
 }
+
+/// Open flags that ask for direct I/O (`O_DIRECT`: writes bypass the page
+/// cache), where the platform has them; 0 elsewhere.
+pub fn direct_flag() -> i32 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        nix::fcntl::OFlag::O_DIRECT.bits()
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        0
+    }
+}
+
+/// Turn direct I/O off on an open file (a file system refused it).
+pub fn clear_direct(file: &File) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(file, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) & !OFlag::from_bits_truncate(direct_flag());
+    fcntl(file, FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
+    Ok(())
+}

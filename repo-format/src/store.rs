@@ -18,6 +18,10 @@ pub struct TempPack {
     pub file: File,
     /// Where it is.
     pub path: PathBuf,
+    /// Opened for direct I/O (`O_DIRECT`): the writer must write aligned
+    /// memory at aligned offsets in aligned lengths (see
+    /// [`crate::pack::writer`]). False for anything else.
+    pub direct: bool,
 }
 
 /// Where packs live.

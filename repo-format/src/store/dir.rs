@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +23,7 @@ pub struct DirStore {
     packs: PathBuf,
     tmp: PathBuf,
     handles: Mutex<HashMap<Id, Arc<File>>>,
+    direct_writes: bool,
 }
 
 impl DirStore {
@@ -32,7 +33,17 @@ impl DirStore {
             packs: packs_dir,
             tmp: tmp_dir,
             handles: Mutex::new(HashMap::new()),
+            direct_writes: true,
         }
+    }
+
+    /// Whether new packs are written with direct I/O (the default), which
+    /// spares the copy into the page cache. Turn it off where a pack is read
+    /// back soon after it is written (the agent's spool uploads each pack
+    /// right away: from the page cache, not the disk).
+    pub fn with_direct_writes(mut self, on: bool) -> Self {
+        self.direct_writes = on;
+        self
     }
 
     /// Create the 256 fan-out directories (at repository init).
@@ -71,13 +82,33 @@ impl DirStore {
 impl PackStore for DirStore {
     fn create_temp(&self) -> Result<TempPack> {
         let path = fsutil::tmp_name(&self.tmp.join("pack"));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io("creating temporary pack", &path, e))?;
-        Ok(TempPack { file, path })
+        let open = |flags: i32| {
+            File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .custom_flags(flags)
+                .open(&path)
+        };
+        let direct = self.direct_writes && fsutil::direct_flag() != 0;
+        let file = match open(if direct { fsutil::direct_flag() } else { 0 }) {
+            Ok(f) => {
+                return Ok(TempPack {
+                    file: f,
+                    path,
+                    direct,
+                });
+            }
+            // tmpfs and some others refuse O_DIRECT at open.
+            Err(e) if direct && e.kind() == std::io::ErrorKind::InvalidInput => open(0),
+            Err(e) => Err(e),
+        };
+        let file = file.map_err(|e| Error::io("creating temporary pack", &path, e))?;
+        Ok(TempPack {
+            file,
+            path,
+            direct: false,
+        })
     }
 
     fn put(&self, tmp: TempPack, name: &Id) -> Result<()> {
