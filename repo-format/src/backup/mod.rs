@@ -122,7 +122,9 @@ impl std::fmt::Debug for StoredElsewhere {
 pub struct BackupOptions {
     /// Parent snapshot choice.
     pub parent: ParentChoice,
-    /// Threads per CPU stage (reading/chunking and sealing).
+    /// Threads per CPU stage: this many seal workers and twice as many
+    /// readers (reading/chunking; a reader waiting for the disk leaves its
+    /// core to another).
     pub threads: usize,
     /// Host name recorded in the snapshot.
     pub hostname: String,

@@ -115,7 +115,10 @@ pub(crate) fn run(
                 .map_err(spawn_err)?;
         }
         drop(seal_rx);
-        for i in 0..threads {
+        // Twice as many readers as cores: a reader waiting for the disk
+        // leaves its core to another (a cold mixed-set backup took 5.1 s
+        // with 4 readers on 2 cores against 5.7-6.6 s with 2; warm, the same).
+        for i in 0..threads * 2 {
             let rx = file_rx.clone();
             let tx = seal_tx.clone();
             let cat_path = cat_path.clone();
