@@ -124,17 +124,15 @@ impl StateDir {
     pub fn spool(&self) -> Result<(repo_format::Repository, crate::acked::Acked)> {
         let pass =
             String::from_utf8(self.read("passphrase")?).context("passphrase file is not text")?;
-        let root = self.path("spool");
-        // Buffered pack writes: the upload reads each spool pack right after
-        // it is written, from the page cache (direct writes would send it to
-        // the disk and back).
-        let store = repo_format::store::dir::DirStore::new(root.join("packs"), root.join("tmp"))
-            .with_direct_writes(false);
-        let repo = repo_format::Repository::open_with_store(
-            &root,
+        // Spool packs are written with direct I/O too, although the upload
+        // reads each back at once: through the page cache, 256 MiB of
+        // incompressible data cost the agent 0.59-0.66 s of system time,
+        // direct 0.27-0.44 s, and the mixed set went end to end in
+        // 4.57-4.97 s instead of 5.29-6.07 s.
+        let repo = repo_format::Repository::open(
+            &self.path("spool"),
             pass.trim().as_bytes(),
             repo_format::LockMode::Shared,
-            std::sync::Arc::new(store),
         )
         .context("opening the spool repository")?;
         let acked = crate::acked::Acked::open(&self.path("acked.db"))?;

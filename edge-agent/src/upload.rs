@@ -22,6 +22,7 @@ use proto::limits::{MAX_IDS_PER_REQUEST, PROTOCOL};
 use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
 use repo_format::blob::BlobKind;
+use repo_format::catalog::BlobLocation;
 use repo_format::{Id, Repository};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -60,6 +61,22 @@ pub struct UploadReport {
     pub time_ns: i64,
 }
 
+/// A blob to upload: its kind and id, and where the spool holds it when
+/// that is known already (a pack just written: no catalog lookup per blob).
+#[derive(Debug, Clone, Copy)]
+struct Outgoing {
+    kind: BlobKind,
+    id: Id,
+    at: Option<BlobLocation>,
+}
+
+impl Outgoing {
+    /// A blob whose place in the spool is looked up when it is sent.
+    fn lookup(kind: BlobKind, id: Id) -> Self {
+        Outgoing { kind, id, at: None }
+    }
+}
+
 /// Blobs per upload window: the walk, the missing-blobs questions and the
 /// upload stream work on this many at a time, so memory stays bounded by
 /// the window, not by the number of files in the snapshot.
@@ -84,7 +101,7 @@ impl PendingWalk {
     /// a window is listed once; one repeated in a later window is either
     /// acknowledged by then or still in flight on the stream, which does not
     /// send it twice (see [`BlobStream`]).
-    fn next_window(&mut self, repo: &Repository, acked: &Acked) -> Result<Vec<(BlobKind, Id)>> {
+    fn next_window(&mut self, repo: &Repository, acked: &Acked) -> Result<Vec<Outgoing>> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut emitted = std::collections::HashSet::new();
@@ -96,7 +113,7 @@ impl PendingWalk {
                 // An identical directory met again in this window, after the
                 // first was expanded in an earlier one: send it once.
                 if emitted.insert(t) {
-                    out.push((BlobKind::Tree, t));
+                    out.push(Outgoing::lookup(BlobKind::Tree, t));
                 }
                 continue;
             }
@@ -110,7 +127,7 @@ impl PendingWalk {
                 }
                 for c in e.chunks {
                     if seen.insert(c) && !acked.contains(&c)? {
-                        out.push((BlobKind::Data, c));
+                        out.push(Outgoing::lookup(BlobKind::Data, c));
                     }
                 }
             }
@@ -131,7 +148,7 @@ const EARLY_QUEUE: usize = 4;
 /// was acknowledged" true whatever is cut when. Anything not sent early (a
 /// full queue, an error) is found by that walk: this is only a head start.
 pub struct EarlyUpload {
-    tx: Option<mpsc::Sender<Vec<(BlobKind, Id)>>>,
+    tx: Option<mpsc::Sender<Vec<Outgoing>>>,
     task: Option<tokio::task::JoinHandle<EarlyReport>>,
 }
 
@@ -143,7 +160,7 @@ impl EarlyUpload {
         acked: Arc<Acked>,
         control: UploadControl,
     ) -> EarlyUpload {
-        let (tx, mut rx) = mpsc::channel::<Vec<(BlobKind, Id)>>(EARLY_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Vec<Outgoing>>(EARLY_QUEUE);
         let task = tokio::spawn(async move {
             let mut r = EarlyReport::default();
             let mut stream: Option<BlobStream> = None;
@@ -186,11 +203,21 @@ impl EarlyUpload {
     pub fn sink(&self) -> Option<repo_format::backup::PackSink> {
         let tx = self.tx.clone()?;
         Some(repo_format::backup::PackSink(Arc::new(
-            move |_pack, entries| {
-                let data: Vec<(BlobKind, Id)> = entries
+            move |pack, entries| {
+                let data: Vec<Outgoing> = entries
                     .iter()
                     .filter(|e| e.kind == BlobKind::Data)
-                    .map(|e| (e.kind, e.id))
+                    .map(|e| Outgoing {
+                        kind: e.kind,
+                        id: e.id,
+                        at: Some(BlobLocation {
+                            kind: e.kind,
+                            pack,
+                            offset: e.offset,
+                            length: e.length,
+                            raw_length: e.raw_length,
+                        }),
+                    })
                     .collect();
                 if !data.is_empty() {
                     let _ = tx.try_send(data);
@@ -292,11 +319,11 @@ pub async fn upload_snapshot(
 async fn lacking(
     client: &mut AgentServiceClient<Channel>,
     acked: &Arc<Acked>,
-    pending: &[(BlobKind, Id)],
-) -> Result<Vec<(BlobKind, Id)>> {
+    pending: &[Outgoing],
+) -> Result<Vec<Outgoing>> {
     let mut lacking = Vec::new();
     for batch in pending.chunks(MAX_IDS_PER_REQUEST) {
-        let ids = batch.iter().map(|(_, id)| id.0.to_vec()).collect();
+        let ids = batch.iter().map(|b| b.id.0.to_vec()).collect();
         let missing = client
             .missing_blobs(pb::MissingBlobsRequest {
                 protocol: PROTOCOL,
@@ -308,11 +335,11 @@ async fn lacking(
             .missing;
         let missing: std::collections::HashSet<Vec<u8>> = missing.into_iter().collect();
         let mut held = Vec::new();
-        for (kind, id) in batch {
-            if missing.contains(&id.0[..]) {
-                lacking.push((*kind, *id));
+        for b in batch {
+            if missing.contains(&b.id.0[..]) {
+                lacking.push(*b);
             } else {
-                held.push(*id);
+                held.push(b.id);
             }
         }
         let a = acked.clone();
@@ -328,7 +355,7 @@ async fn queue_lacking(
     client: &mut AgentServiceClient<Channel>,
     repo: &Arc<Repository>,
     acked: &Arc<Acked>,
-    blobs: &[(BlobKind, Id)],
+    blobs: &[Outgoing],
     control: &UploadControl,
 ) -> Result<()> {
     let lacking = lacking(client, acked, blobs).await?;
@@ -420,7 +447,7 @@ impl BlobStream {
     async fn send(
         &mut self,
         repo: &Arc<Repository>,
-        blobs: Vec<(BlobKind, Id)>,
+        blobs: Vec<Outgoing>,
         control: &UploadControl,
     ) -> Result<()> {
         let (repo, tx, ctl) = (repo.clone(), self.tx.clone(), control.clone());
@@ -431,7 +458,7 @@ impl BlobStream {
         );
         let (n, bytes) = tokio::task::spawn_blocking(move || -> Result<(u64, u64)> {
             let (mut n, mut bytes) = (0u64, 0u64);
-            for (kind, id) in blobs {
+            for Outgoing { kind, id, at } in blobs {
                 if ended.load(std::sync::atomic::Ordering::Acquire) {
                     break; // close() says why
                 }
@@ -442,7 +469,11 @@ impl BlobStream {
                 if !fresh {
                     continue; // sent already on this stream, acknowledgement pending
                 }
-                let read = repo.catalog().and_then(|c| c.lookup(&id)).and_then(|loc| {
+                let loc = match at {
+                    Some(at) => Ok(Some(at)),
+                    None => repo.catalog().and_then(|c| c.lookup(&id)),
+                };
+                let read = loc.and_then(|loc| {
                     let Some(loc) = loc else { return Ok(None) };
                     let mut sealed = vec![0u8; loc.length as usize];
                     repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;

@@ -38,9 +38,9 @@ impl DirStore {
     }
 
     /// Whether new packs are written with direct I/O (the default), which
-    /// spares the copy into the page cache. Turn it off where a pack is read
-    /// back soon after it is written (the agent's spool uploads each pack
-    /// right away: from the page cache, not the disk).
+    /// spares the copy into the page cache (tests turn it off to cover the
+    /// buffered path). Even the agent's spool, whose packs are read back at
+    /// once for the upload, was faster with it (see `edge-agent/src/state.rs`).
     pub fn with_direct_writes(mut self, on: bool) -> Self {
         self.direct_writes = on;
         self
