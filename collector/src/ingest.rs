@@ -65,6 +65,10 @@ pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>
     let repo = &ctx.repo;
     let ids: Vec<Vec<u8>> = batch.iter().map(|b| b.id.0.to_vec()).collect();
     let held = ctx.state.site_has(site, &ids)?;
+    // One read transaction for the batch instead of a lookup per blob; a
+    // location is looked up only where a copy must be compared.
+    let all: Vec<Id> = batch.iter().map(|b| b.id).collect();
+    let absent: HashSet<Id> = repo.catalog()?.missing(&all)?.into_iter().collect();
     let mut acked = Vec::new();
     let mut now_held = Vec::new();
     let mut writer: Option<PackWriter> = None;
@@ -83,9 +87,18 @@ pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>
                 ServiceError::Invalid(format!("tree blob {} does not open to its id: {e}", b.id))
             })?;
         }
-        let loc = repo.catalog()?.lookup(&b.id)?;
+        let present = !absent.contains(&b.id);
+        if present && held {
+            acked.push(b.id.0.to_vec());
+            continue;
+        }
+        // Present but not this site's: compare with the stored copy (a pack
+        // dropped meanwhile by a prune makes it absent again: store it).
+        let loc = match present {
+            true => repo.catalog()?.lookup(&b.id)?,
+            false => None,
+        };
         match loc {
-            Some(_) if held => acked.push(b.id.0.to_vec()),
             Some(loc) => {
                 compare_with_stored(ctx, site, &b, &loc)?;
                 now_held.push(b.id.0.to_vec());
@@ -102,16 +115,21 @@ pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>
     }
     if let Some(w) = writer {
         let fp = w.finish(repo.store().as_ref(), &repo.keys().metadata)?;
-        repo.catalog()?
-            .insert_pack(&fp.name, fp.size, &fp.entries)?;
+        let elsewhere: HashSet<Id> = repo
+            .catalog()?
+            .insert_pack(&fp.name, fp.size, &fp.entries)?
+            .into_iter()
+            .collect();
         for b in written {
-            let loc = repo
-                .catalog()?
-                .lookup(&b.id)?
-                .ok_or(repo_format::Error::MissingBlob(b.id))?;
-            if loc.pack != fp.name {
-                // A concurrent upload of the same id was catalogued first.
-                compare_with_stored(ctx, site, &b, &loc)?;
+            if elsewhere.contains(&b.id) {
+                let loc = repo
+                    .catalog()?
+                    .lookup(&b.id)?
+                    .ok_or(repo_format::Error::MissingBlob(b.id))?;
+                if loc.pack != fp.name {
+                    // A concurrent upload of the same id was catalogued first.
+                    compare_with_stored(ctx, site, &b, &loc)?;
+                }
             }
             now_held.push(b.id.0.to_vec());
         }

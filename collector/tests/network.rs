@@ -381,6 +381,92 @@ fn collector_killed_mid_upload_then_resumed_without_resending() {
     assert_eq!(snaps.len(), 1);
 }
 
+/// DESIGN.md "Sites share storage, not knowledge": a chunk Paris stored is
+/// sent once more by Lyon, compared byte for byte and stored once; a copy
+/// whose bytes differ is refused (integrity event) and nothing is stored.
+#[test]
+fn a_chunk_another_site_stored_is_compared_and_stored_once() {
+    use tokio_stream::StreamExt;
+    let c = Collector::start();
+    c.ok(&["site", "add", "paris"]);
+    c.ok(&["site", "add", "lyon"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let paris = enrolled(&c, "paris", tmp.path());
+    let lyon = enrolled(&c, "lyon", tmp.path());
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let (one, two) = (
+        b"shared report, first part".as_slice(),
+        b"second part".as_slice(),
+    );
+    std::fs::write(src.join("one.txt"), one).expect("write");
+    std::fs::write(src.join("two.txt"), two).expect("write");
+    assert!(agent_backup(&paris, &src).status.success());
+    let packs = c.pack_count();
+
+    // Lyon seals the same plaintexts with its own keys: sealing is
+    // deterministic, so these are the bytes Paris uploaded.
+    let pass = std::fs::read_to_string(lyon.join("passphrase")).expect("pass");
+    let spool = repo_format::Repository::open(
+        &lyon.join("spool"),
+        pass.trim().as_bytes(),
+        repo_format::LockMode::Shared,
+    )
+    .expect("lyon spool");
+    let keys = spool.keys().content().expect("content key");
+    let mut sealer = repo_format::blob::Sealer::new(spool.config().zstd_level).expect("sealer");
+    let mut msg = |plain: &[u8]| {
+        let id = keys.id_of(plain);
+        let sealed = sealer
+            .seal(keys, repo_format::blob::BlobKind::Data, &id, plain)
+            .expect("seal");
+        pb::UploadRequest {
+            protocol: PROTOCOL,
+            kind: 0,
+            id: id.0.to_vec(),
+            sealed,
+            raw_length: plain.len() as u32,
+        }
+    };
+    let same = msg(one);
+    let mut tampered = msg(two);
+    let last = tampered.sealed.len() - 1;
+    tampered.sealed[last] ^= 1;
+    drop(spool);
+
+    rt().block_on(async {
+        let ch = c
+            .channel(Some((&lyon, "agent")))
+            .await
+            .expect("lyon connects");
+        let mut l = pb::agent_service_client::AgentServiceClient::new(ch);
+        let mut acks = l
+            .upload(tokio_stream::iter(vec![same.clone()]))
+            .await
+            .expect("upload")
+            .into_inner();
+        let ack = acks.next().await.expect("an answer").expect("accepted");
+        assert_eq!(ack.ids, vec![same.id.clone()]);
+
+        let status = match l.upload(tokio_stream::iter(vec![tampered])).await {
+            Err(s) => s,
+            Ok(r) => r
+                .into_inner()
+                .next()
+                .await
+                .expect("an answer")
+                .expect_err("a differing copy must be refused"),
+        };
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("differs"), "{status:?}");
+    });
+    assert_eq!(
+        c.pack_count(),
+        packs,
+        "the shared chunk was stored once, the bad copy not at all"
+    );
+}
+
 #[test]
 fn sites_are_isolated_and_commits_are_verified() {
     let c = Collector::start();

@@ -264,9 +264,12 @@ impl Catalog {
     }
 
     /// Record a durable pack and its blobs, in one transaction.
-    /// A blob already catalogued (a concurrent writer stored it too) keeps its first location.
-    /// `packs.kind` comes from `entries`: 0 only data, 1 only trees, 2 both or none.
-    pub fn insert_pack(&mut self, name: &Id, size: u64, entries: &[PackEntry]) -> Result<()> {
+    /// A blob already catalogued (a concurrent writer stored it too) keeps its
+    /// first location; the ids of such blobs are returned, in entry order, so
+    /// a caller that must compare its copy with the first needs no lookup
+    /// per blob to find them. `packs.kind` comes from `entries`: 0 only data,
+    /// 1 only trees, 2 both or none.
+    pub fn insert_pack(&mut self, name: &Id, size: u64, entries: &[PackEntry]) -> Result<Vec<Id>> {
         let tx = self
             .conn
             .transaction()
@@ -281,6 +284,7 @@ impl Catalog {
             ],
         )
         .map_err(cat_err("inserting pack row"))?;
+        let mut elsewhere = Vec::new();
         let pack_id: i64 = tx
             .query_row(
                 "SELECT pack_id FROM packs WHERE name = ?1",
@@ -296,18 +300,23 @@ impl Catalog {
                 )
                 .map_err(cat_err("preparing blob insert"))?;
             for e in entries {
-                st.execute(params![
-                    &e.id.0[..],
-                    e.kind as u8,
-                    pack_id,
-                    e.offset as i64,
-                    e.length,
-                    e.raw_length
-                ])
-                .map_err(cat_err("inserting blob row"))?;
+                let added = st
+                    .execute(params![
+                        &e.id.0[..],
+                        e.kind as u8,
+                        pack_id,
+                        e.offset as i64,
+                        e.length,
+                        e.raw_length
+                    ])
+                    .map_err(cat_err("inserting blob row"))?;
+                if added == 0 {
+                    elsewhere.push(e.id);
+                }
             }
         }
-        tx.commit().map_err(cat_err("committing pack"))
+        tx.commit().map_err(cat_err("committing pack"))?;
+        Ok(elsewhere)
     }
 
     /// Remove pack `name` and its blob rows, in one transaction (the pack
@@ -930,6 +939,32 @@ CREATE INDEX snapshots_by_time ON snapshots(time_ns);
                 "{err}"
             );
         }
+    }
+
+    /// The ids `insert_pack` reports as catalogued elsewhere are exactly
+    /// those whose rows it did not add (the ingest compares only those).
+    #[test]
+    fn insert_pack_reports_blobs_already_catalogued() {
+        let (_dir, mut cat) = fresh();
+        let first = [entry(BlobKind::Data, 1, 8), entry(BlobKind::Data, 2, 20)];
+        assert_eq!(
+            cat.insert_pack(&pack_name(1), 1, &first).expect("first"),
+            vec![]
+        );
+        let second = [
+            entry(BlobKind::Data, 3, 8),
+            entry(BlobKind::Data, 2, 30),
+            entry(BlobKind::Data, 4, 40),
+            entry(BlobKind::Data, 1, 50),
+        ];
+        let ignored = cat.insert_pack(&pack_name(2), 1, &second).expect("second");
+        assert_eq!(ignored, vec![second[1].id, second[3].id]);
+        // The first location stays.
+        let loc = cat.lookup(&second[1].id).expect("lookup").expect("present");
+        assert_eq!((loc.pack, loc.offset), (pack_name(1), 20));
+        // The same pack again: every row exists already.
+        let again = cat.insert_pack(&pack_name(1), 1, &first).expect("again");
+        assert_eq!(again, vec![first[0].id, first[1].id]);
     }
 
     #[test]
