@@ -38,6 +38,26 @@ impl Acked {
         Ok(st.exists([&id.0[..]])?)
     }
 
+    /// For each of `ids`, whether it was acknowledged: one read transaction
+    /// for the lot (a query per id took an SQLite lock round each: 12 % of
+    /// the agent's time on a 200 000-file upload).
+    pub fn contains_each(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("acked db mutex poisoned"))?;
+        let tx = c.transaction()?;
+        let mut out = Vec::with_capacity(ids.len());
+        {
+            let mut st = tx.prepare_cached("SELECT 1 FROM acked WHERE id = ?1")?;
+            for id in ids {
+                out.push(st.exists([&id.0[..]])?);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Record acknowledged ids.
     pub fn insert(&self, ids: &[Id]) -> Result<()> {
         let mut c = self

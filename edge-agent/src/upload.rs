@@ -102,6 +102,34 @@ impl PendingWalk {
     /// acknowledged by then or still in flight on the stream, which does not
     /// send it twice (see [`BlobStream`]).
     fn next_window(&mut self, repo: &Repository, acked: &Acked) -> Result<Vec<Outgoing>> {
+        loop {
+            let raw = self.next_candidates(repo, acked)?;
+            if raw.is_empty() {
+                return Ok(raw); // the walk is done
+            }
+            // Data blobs are checked against the acknowledged set in one
+            // batch (trees were, one by one, before their expansion). A
+            // window whose every blob was acknowledged is skipped: an empty
+            // window means the end of the walk.
+            let data: Vec<Id> = raw
+                .iter()
+                .filter(|b| b.kind == BlobKind::Data)
+                .map(|b| b.id)
+                .collect();
+            let mut done = acked.contains_each(&data)?.into_iter();
+            let window: Vec<Outgoing> = raw
+                .into_iter()
+                .filter(|b| b.kind != BlobKind::Data || done.next() == Some(false))
+                .collect();
+            if !window.is_empty() {
+                return Ok(window);
+            }
+        }
+    }
+
+    /// Up to [`WINDOW`] blobs in walk order: trees not acknowledged, and
+    /// every data blob of their entries (acknowledged or not).
+    fn next_candidates(&mut self, repo: &Repository, acked: &Acked) -> Result<Vec<Outgoing>> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut emitted = std::collections::HashSet::new();
@@ -126,7 +154,7 @@ impl PendingWalk {
                     self.stack.push((s, false));
                 }
                 for c in e.chunks {
-                    if seen.insert(c) && !acked.contains(&c)? {
+                    if seen.insert(c) {
                         out.push(Outgoing::lookup(BlobKind::Data, c));
                     }
                 }
