@@ -406,13 +406,7 @@ fn a_chunk_another_site_stored_is_compared_and_stored_once() {
 
     // Lyon seals the same plaintexts with its own keys: sealing is
     // deterministic, so these are the bytes Paris uploaded.
-    let pass = std::fs::read_to_string(lyon.join("passphrase")).expect("pass");
-    let spool = repo_format::Repository::open(
-        &lyon.join("spool"),
-        pass.trim().as_bytes(),
-        repo_format::LockMode::Shared,
-    )
-    .expect("lyon spool");
+    let spool = open_spool(&lyon);
     let keys = spool.keys().content().expect("content key");
     let mut sealer = repo_format::blob::Sealer::new(spool.config().zstd_level).expect("sealer");
     let mut msg = |plain: &[u8]| {
@@ -481,13 +475,7 @@ fn sites_are_isolated_and_commits_are_verified() {
     assert!(agent_backup(&paris, &src).status.success());
 
     // Paris's blob ids, read from its own spool.
-    let pass = std::fs::read_to_string(paris.join("passphrase")).expect("pass");
-    let spool = repo_format::Repository::open(
-        &paris.join("spool"),
-        pass.trim().as_bytes(),
-        repo_format::LockMode::Shared,
-    )
-    .expect("spool");
+    let spool = open_spool(&paris);
     let (_, snap) = spool.find_snapshot("latest").expect("snap");
     let tree = spool.read_tree(&snap.tree).expect("tree");
     let file_tree = spool

@@ -337,6 +337,17 @@ pub fn enrolled(c: &Collector, site: &str, dir: &Path) -> PathBuf {
     state
 }
 
+/// An enrolled agent's spool repository, opened with the agent's passphrase.
+pub fn open_spool(state: &Path) -> repo_format::Repository {
+    let pass = std::fs::read_to_string(state.join("passphrase")).expect("agent passphrase");
+    repo_format::Repository::open(
+        &state.join("spool"),
+        pass.trim().as_bytes(),
+        repo_format::LockMode::Shared,
+    )
+    .expect("opening the agent's spool")
+}
+
 pub fn agent_backup(state: &Path, src: &Path) -> Output {
     Command::new(bin("hubvault-agent"))
         .args(["backup", "--source", "docs", "--state"])
