@@ -290,12 +290,7 @@ fn unknown_token_and_missing_site_are_refused() {
 #[test]
 fn backup_at_one_site_restores_bit_exact_at_another() {
     use integration_tests::{compare, fixture};
-    let c = Collector::start();
-    c.ok(&["site", "add", "paris"]);
-    c.ok(&["site", "add", "lyon"]);
-    let tmp = tempfile::tempdir().expect("tmp");
-    let paris = enrolled(&c, "paris", tmp.path());
-    let lyon = enrolled(&c, "lyon", tmp.path());
+    let (c, tmp, paris, lyon) = paris_and_lyon();
     let src = tmp.path().join("src");
     // The standard fixture: every file type and metadata kind, sized around the default chunker.
     fixture::build(
@@ -381,18 +376,25 @@ fn collector_killed_mid_upload_then_resumed_without_resending() {
     assert_eq!(snaps.len(), 1);
 }
 
-/// DESIGN.md "Sites share storage, not knowledge": a chunk Paris stored is
-/// sent once more by Lyon, compared byte for byte and stored once; a copy
-/// whose bytes differ is refused (integrity event) and nothing is stored.
-#[test]
-fn a_chunk_another_site_stored_is_compared_and_stored_once() {
-    use tokio_stream::StreamExt;
+/// A collector with sites paris and lyon, one enrolled agent each (state
+/// directories under the returned temporary directory).
+fn paris_and_lyon() -> (Collector, tempfile::TempDir, PathBuf, PathBuf) {
     let c = Collector::start();
     c.ok(&["site", "add", "paris"]);
     c.ok(&["site", "add", "lyon"]);
     let tmp = tempfile::tempdir().expect("tmp");
     let paris = enrolled(&c, "paris", tmp.path());
     let lyon = enrolled(&c, "lyon", tmp.path());
+    (c, tmp, paris, lyon)
+}
+
+/// DESIGN.md "Sites share storage, not knowledge": a chunk Paris stored is
+/// sent once more by Lyon, compared byte for byte and stored once; a copy
+/// whose bytes differ is refused (integrity event) and nothing is stored.
+#[test]
+fn a_chunk_another_site_stored_is_compared_and_stored_once() {
+    use tokio_stream::StreamExt;
+    let (c, tmp, paris, lyon) = paris_and_lyon();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
     let (one, two) = (
@@ -463,12 +465,7 @@ fn a_chunk_another_site_stored_is_compared_and_stored_once() {
 
 #[test]
 fn sites_are_isolated_and_commits_are_verified() {
-    let c = Collector::start();
-    c.ok(&["site", "add", "paris"]);
-    c.ok(&["site", "add", "lyon"]);
-    let tmp = tempfile::tempdir().expect("tmp");
-    let paris = enrolled(&c, "paris", tmp.path());
-    let lyon = enrolled(&c, "lyon", tmp.path());
+    let (c, tmp, paris, lyon) = paris_and_lyon();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
     std::fs::write(src.join("secret.txt"), b"paris only").expect("write");

@@ -91,24 +91,16 @@ impl PackStore for DirStore {
                 .open(&path)
         };
         let direct = self.direct_writes && fsutil::direct_flag() != 0;
-        let file = match open(if direct { fsutil::direct_flag() } else { 0 }) {
-            Ok(f) => {
-                return Ok(TempPack {
-                    file: f,
-                    path,
-                    direct,
-                });
-            }
+        let opened = match open(if direct { fsutil::direct_flag() } else { 0 }) {
+            Ok(f) => Ok((f, direct)),
             // tmpfs and some others refuse O_DIRECT at open.
-            Err(e) if direct && e.kind() == std::io::ErrorKind::InvalidInput => open(0),
+            Err(e) if direct && e.kind() == std::io::ErrorKind::InvalidInput => {
+                open(0).map(|f| (f, false))
+            }
             Err(e) => Err(e),
         };
-        let file = file.map_err(|e| Error::io("creating temporary pack", &path, e))?;
-        Ok(TempPack {
-            file,
-            path,
-            direct: false,
-        })
+        let (file, direct) = opened.map_err(|e| Error::io("creating temporary pack", &path, e))?;
+        Ok(TempPack { file, path, direct })
     }
 
     fn put(&self, tmp: TempPack, name: &Id) -> Result<()> {
