@@ -602,6 +602,54 @@ class Borg(Tool):
 # Verification
 # --------------------------------------------------------------------------
 
+class FreshFs:
+    """A new ext4 file system on a loop device, made for one tool's timed restore.
+
+    Restoring into a directory of the shared file system is unfair to whoever
+    restores second: ext4 skips inodes freed in the last minutes when it
+    allocates (a scan of the inode tables per new file, seen as 5-14 s of
+    system time for 20k files), so a restore right after another tool's tree
+    or the previous data set was deleted pays for that deletion. A fresh file
+    system per restore inherits nothing. The loop device uses direct I/O on
+    its backing file so the data is not cached twice. Needs root and
+    e2fsprogs; without them the script falls back to plain directories.
+    """
+
+    def __init__(self, image: Path, mount: Path, size_bytes: int, inodes: int):
+        self.image, self.mount = image, mount
+        self.size_bytes, self.inodes = size_bytes, inodes
+        self.dev: str | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return (os.geteuid() == 0
+                and all(shutil.which(t) for t in ("mkfs.ext4", "losetup", "mount", "umount")))
+
+    def create(self) -> Path:
+        self.destroy()
+        self.image.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.image, "wb") as f:
+            f.truncate(self.size_bytes)
+        # Inode tables and journal initialised now, not by ext4lazyinit in the
+        # background of the timed restore.
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(self.inodes),
+                        "-E", "lazy_itable_init=0,lazy_journal_init=0", str(self.image)],
+                       check=True)
+        self.dev = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(self.image)],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+        self.mount.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", self.dev, str(self.mount)], check=True)
+        return self.mount
+
+    def destroy(self) -> None:
+        if self.dev is not None:
+            subprocess.run(["umount", str(self.mount)], check=False)
+            subprocess.run(["losetup", "-d", self.dev], check=False)
+            self.dev = None
+        if self.image.exists():
+            self.image.unlink()
+
+
 def manifest(root: Path) -> dict:
     files: dict[str, tuple[int, str, int]] = {}
     dirs: set[str] = set()
@@ -667,7 +715,7 @@ def put_back_state(paths: list[Path], saved: Path) -> None:
 
 
 def timed_step(tool: Tool, step: str, cmd: list[str], cwd: Path | None,
-               args, warm_paths: list[Path], work: Path, target: Path | None = None) -> dict:
+               args, warm_paths: list[Path], work: Path, reset_target=None) -> dict:
     """Run one step; if other processes ate CPU meanwhile, put the state back and retry."""
     saved = work / "state" / tool.name
     state_paths = [tool.repo, tool.cache]
@@ -678,8 +726,7 @@ def timed_step(tool: Tool, step: str, cmd: list[str], cwd: Path | None,
     for attempt in range(1 + retries):
         if attempt > 0:
             if step == "restore":
-                shutil.rmtree(target, ignore_errors=True)
-                target.mkdir(parents=True)
+                reset_target()
             else:
                 put_back_state(state_paths, saved)
         subprocess.run(["sync"])
@@ -789,36 +836,55 @@ def run_set(name: str, args, work: Path, hv_bin: Path) -> dict:
     log("hashing the mutated source tree for verification")
     src_manifest = manifest(src)
     restore_parent = work / "restore"
-    # Restored trees are removed only after every tool restored: ext4 skips
-    # inodes freed in the last minute or more when it allocates (a scan of
-    # the inode tables per new file, seen as 5-14 s of system time for 20k
-    # files), so deleting one tool's tree right before the next tool's timed
-    # restore slowed that restore by seconds, whichever tool came next.
+    fresh = args.restore_fs == "fresh"
+    result["restore_fs"] = "a fresh ext4 per tool (loop device)" if fresh else f"directories under {restore_parent}"
+    # Without fresh file systems, restored trees are removed only after every
+    # tool restored (see FreshFs for why a deletion slows the next restore).
     restored: list[Path] = []
     for tool in tools:
         if not tool.ok:
             continue
-        target = restore_parent / name / tool.name
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        cmd, cwd = tool.restore(target, src)
-        res = timed_step(tool, "restore", cmd, cwd, args, [tool.repo], work, target=target)
-        result["steps"][tool.name]["restore"] = res
-        root = tool.restored_root(target, src)
-        if res["ok"]:
-            if root.is_dir():
-                v = compare_trees(src_manifest, manifest(root))
+        if fresh:
+            fs = FreshFs(work / "restore-fs.img", restore_parent / name / tool.name,
+                         size_bytes=max(4 << 30, 3 * total + files * 8192),
+                         inodes=2 * (files + dirs) + 10000)
+            target = fs.create()
+
+            def reset_target(fs=fs):
+                fs.create()
+        else:
+            fs = None
+            target = restore_parent / name / tool.name
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+
+            def reset_target(target=target):
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+        try:
+            cmd, cwd = tool.restore(target, src)
+            res = timed_step(tool, "restore", cmd, cwd, args, [tool.repo], work,
+                             reset_target=reset_target)
+            result["steps"][tool.name]["restore"] = res
+            root = tool.restored_root(target, src)
+            if res["ok"]:
+                if root.is_dir():
+                    v = compare_trees(src_manifest, manifest(root))
+                else:
+                    v = {"ok": False, "error": f"restored root {root} not found; target holds "
+                                               f"{sorted(os.listdir(target))[:10]}"}
+                result["verify"][tool.name] = v
+                if v["ok"]:
+                    log(f"  {tool.name} restore verified: {v['files_checked']} files byte for byte"
+                        + (f" ({v['mtime_differs_s']} mtimes differ)" if v.get("mtime_differs_s") else ""))
+                else:
+                    msg = f"{tool.name} RESTORE MISMATCH: {json.dumps(v)}"
+                    (loud if tool.name == "hubvault" else log)(msg)
+        finally:
+            if fs is not None:
+                fs.destroy()
             else:
-                v = {"ok": False, "error": f"restored root {root} not found; target holds "
-                                           f"{sorted(os.listdir(target))[:10]}"}
-            result["verify"][tool.name] = v
-            if v["ok"]:
-                log(f"  {tool.name} restore verified: {v['files_checked']} files byte for byte"
-                    + (f" ({v['mtime_differs_s']} mtimes differ)" if v.get("mtime_differs_s") else ""))
-            else:
-                msg = f"{tool.name} RESTORE MISMATCH: {json.dumps(v)}"
-                (loud if tool.name == "hubvault" else log)(msg)
-        restored.append(target)
+                restored.append(target)
 
     for target in restored:
         log(f"  removing {target}")
@@ -962,7 +1028,10 @@ def report(results: dict, tools: list[str]) -> tuple[str, str]:
     md.append(f"- borg: {meta['versions'].get('borg')} (repokey, lz4)")
     md.append(f"- scale {meta['scale']:g}; warm cache; one run; ratio = other wall time / hubvault wall time "
               f"(size rows: other size / hubvault size, > 1 means hubvault is smaller); "
-              f"peak RSS is the child's ru_maxrss (floor {meta.get('rss_floor_mib')} MiB)\n")
+              f"peak RSS is the child's ru_maxrss (floor {meta.get('rss_floor_mib')} MiB); "
+              f"restores go to " + ("a fresh ext4 file system per tool (loop device, direct I/O)"
+                                    if meta.get("restore_fs") == "fresh" else "plain directories")
+              + "\n")
     text += ["  " + line[2:] for line in md[1:]]
     for name, res in results["sets"].items():
         table = render_table(name, res, tools)
@@ -1042,9 +1111,16 @@ def main() -> int:
                     help="re-run a step (state put back) when other processes used CPU meanwhile")
     ap.add_argument("--contended", type=float, default=0.3,
                     help="cores used by other processes during a step above which it is retried")
+    ap.add_argument("--restore-fs", choices=("fresh", "dir"), default=None,
+                    help="restore each tool onto a fresh loop-mounted ext4 (default when root "
+                         "with e2fsprogs) or into plain directories")
     ap.add_argument("--keep", action="store_true", help="keep repositories and the working copy")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install restic/borg")
     args = ap.parse_args()
+    if args.restore_fs is None:
+        args.restore_fs = "fresh" if FreshFs.available() else "dir"
+    elif args.restore_fs == "fresh" and not FreshFs.available():
+        raise SystemExit("--restore-fs fresh needs root and mkfs.ext4, losetup, mount, umount")
     Spawner.start()
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -1098,6 +1174,7 @@ def main() -> int:
             "platform": platform.platform(), "scale": args.scale, "sets": sets,
             "tools": args.tools, "work": str(work), "versions": versions,
             "restic_flags": restic_flags, "rss_floor_mib": rss_floor,
+            "restore_fs": args.restore_fs,
             "git_head": (git.stdout.strip() or "?") + ("-dirty" if dirty.stdout.strip() else ""),
             **meta_extra,
         },
