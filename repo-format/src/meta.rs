@@ -154,6 +154,68 @@ pub fn make_special(path: &Path, e: &Entry) -> std::io::Result<()> {
     nix::sys::stat::mknod(path, kind, perm, e.rdev as _).map_err(std::io::Error::from)
 }
 
+/// [`apply`] for a regular file the restorer just created and still has
+/// open: every call goes through the descriptor (no path lookup in a
+/// directory being filled), and owner and mode are changed only where they
+/// differ from what the new file got (its `fstat`), which on a 200 000-file
+/// restore saves two journalled inode updates per file.
+pub fn apply_to_file(file: &std::fs::File, e: &Entry, set_owner: bool) -> Vec<String> {
+    use xattr::FileExt;
+    let mut warn = Vec::new();
+    let st = match nix::sys::stat::fstat(file) {
+        Ok(st) => Some(st),
+        Err(err) => {
+            warn.push(format!("fstat: {err}"));
+            None
+        }
+    };
+    let chown = set_owner && st.is_none_or(|st| st.st_uid != e.uid || st.st_gid != e.gid);
+    if chown
+        && let Err(err) = nix::unistd::fchown(
+            file,
+            Some(nix::unistd::Uid::from_raw(e.uid)),
+            Some(nix::unistd::Gid::from_raw(e.gid)),
+        )
+    {
+        warn.push(format!("chown {}:{}: {err}", e.uid, e.gid));
+    }
+    // See `apply`: ACLs the snapshot lacks (inherited from a default ACL) go.
+    let mut acl_changed = false;
+    if let Ok(names) = file.list_xattr() {
+        for n in names {
+            acl_changed = true;
+            if n.as_bytes().starts_with(b"system.posix_acl_")
+                && !e.xattrs.iter().any(|(k, _)| k.as_slice() == n.as_bytes())
+                && let Err(err) = file.remove_xattr(&n)
+            {
+                warn.push(format!("removing xattr {}: {err}", n.to_string_lossy()));
+            }
+        }
+    }
+    for (k, v) in &e.xattrs {
+        if let Err(err) = file.set_xattr(std::ffi::OsStr::from_bytes(k), v) {
+            warn.push(format!("xattr {}: {err}", String::from_utf8_lossy(k)));
+        }
+    }
+    // A chown clears set-id bits and an ACL changes the mode: after either,
+    // chmod whatever fstat said.
+    let mode = e.mode & 0o7777;
+    let changed = chown || acl_changed || !e.xattrs.is_empty();
+    if (changed || st.is_none_or(|st| st.st_mode & 0o7777 != mode))
+        && let Err(err) = nix::sys::stat::fchmod(file, Mode::from_bits_truncate(mode))
+    {
+        warn.push(format!("chmod {:o}: {err}", e.mode));
+    }
+    let ts = TimeSpec::new(
+        e.mtime_ns.div_euclid(1_000_000_000),
+        e.mtime_ns.rem_euclid(1_000_000_000),
+    );
+    if let Err(err) = nix::sys::stat::futimens(file, &ts, &ts) {
+        warn.push(format!("set mtime: {err}"));
+    }
+    warn
+}
+
 /// Apply owner (when root), xattrs, mode (not on symlinks) and mtime to `path`,
 /// in that order (chown clears setuid; chmod after ACLs keeps the captured mask).
 /// Returns a description of each step that failed; restore reports them as warnings.
