@@ -401,11 +401,19 @@ pub struct JobRow {
 impl State {
     /// Of `ids`, those `site` holds (uploaded or received).
     pub fn site_has(&self, site: &str, ids: &[Vec<u8>]) -> Result<Vec<bool>, ServiceError> {
-        let c = self.conn()?;
-        let mut st = c.prepare_cached("SELECT 1 FROM site_blobs WHERE site = ?1 AND id = ?2")?;
-        ids.iter()
-            .map(|id| st.exists(params![site, id]).map_err(ServiceError::from))
-            .collect()
+        let mut c = self.conn()?;
+        // One read transaction for the batch: outside one, SQLite takes and
+        // releases its WAL read lock around every statement.
+        let tx = c.transaction()?;
+        let out = {
+            let mut st =
+                tx.prepare_cached("SELECT 1 FROM site_blobs WHERE site = ?1 AND id = ?2")?;
+            ids.iter()
+                .map(|id| st.exists(params![site, id]).map_err(ServiceError::from))
+                .collect::<Result<Vec<bool>, ServiceError>>()?
+        };
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Record that `site` holds `ids`.

@@ -3,6 +3,7 @@
 //! acknowledged when durable, verified snapshot commits, and reads of blobs
 //! the site holds (its own, or received through a restore job).
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -131,19 +132,22 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .blocking(move |c| {
                 let raw: Vec<Vec<u8>> = ids.iter().map(|i| i.0.to_vec()).collect();
                 let held = c.state.site_has(&site, &raw)?;
-                let mut out = Vec::new();
-                for (id, held) in raw.into_iter().zip(held) {
-                    // Answered from the site's own holdings only: a blob stored
-                    // by another site is "missing" exactly like one stored nowhere.
-                    let present = held
-                        && c.repo
-                            .catalog()?
-                            .contains(&Id::from_slice(&id).unwrap_or_default())?;
-                    if !present {
-                        out.push(id);
-                    }
-                }
-                Ok(out)
+                // Answered from the site's own holdings only: a blob stored
+                // by another site is "missing" exactly like one stored nowhere.
+                // Held ones are checked against the catalog in one batch (a
+                // pack dropped by a prune makes a held blob missing again).
+                let held_ids: Vec<Id> = ids
+                    .iter()
+                    .zip(&held)
+                    .filter_map(|(id, h)| h.then_some(*id))
+                    .collect();
+                let gone: HashSet<Id> = c.repo.catalog()?.missing(&held_ids)?.into_iter().collect();
+                Ok(ids
+                    .iter()
+                    .zip(held)
+                    .filter(|(id, h)| !h || gone.contains(id))
+                    .map(|(id, _)| id.0.to_vec())
+                    .collect())
             })
             .await?;
         Ok(Response::new(pb::MissingBlobsResponse { missing }))
