@@ -102,14 +102,8 @@ pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
             tracing::debug!("spool pack {name} holds tree blobs: kept");
             continue;
         }
-        let mut uploaded = true;
-        for b in &entries {
-            if !acked.contains(&b.id)? {
-                uploaded = false;
-                break;
-            }
-        }
-        if !uploaded {
+        let ids: Vec<repo_format::Id> = entries.iter().map(|b| b.id).collect();
+        if !acked.contains_each(&ids)?.into_iter().all(|a| a) {
             continue;
         }
         let size = repo.store().size(&name).unwrap_or(0);
