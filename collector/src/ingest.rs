@@ -63,12 +63,22 @@ pub fn validate(m: proto::pb::UploadRequest) -> Result<Incoming, ServiceError> {
 /// Store a batch for `site`; returns the ids now durable and held by the site.
 pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>>, ServiceError> {
     let repo = &ctx.repo;
-    let ids: Vec<Vec<u8>> = batch.iter().map(|b| b.id.0.to_vec()).collect();
-    let held = ctx.state.site_has(site, &ids)?;
     // One read transaction for the batch instead of a lookup per blob; a
     // location is looked up only where a copy must be compared.
     let all: Vec<Id> = batch.iter().map(|b| b.id).collect();
     let absent: HashSet<Id> = repo.catalog()?.missing(&all)?.into_iter().collect();
+    // Whether the site holds a blob matters only for one the catalog has
+    // (an absent one is stored either way): on a first backup, none.
+    let present: Vec<Vec<u8>> = all
+        .iter()
+        .filter(|id| !absent.contains(id))
+        .map(|id| id.0.to_vec())
+        .collect();
+    let mut held_present = ctx.state.site_has(site, &present)?.into_iter();
+    let held: Vec<bool> = all
+        .iter()
+        .map(|id| !absent.contains(id) && held_present.next() == Some(true))
+        .collect();
     let mut acked = Vec::new();
     let mut now_held = Vec::new();
     let mut writer: Option<PackWriter> = None;

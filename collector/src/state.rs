@@ -43,11 +43,15 @@ CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
--- Which blobs each site uploaded or received: the only source of answers to which-do-you-lack.
-CREATE TABLE IF NOT EXISTS site_blobs (
-    site TEXT NOT NULL,
+-- Which blobs each site uploaded or received: the only source of answers to
+-- which-do-you-lack. Keyed by id first: ids are random, so a lookup's key
+-- comparisons end at the id's first bytes instead of comparing the same site
+-- name at every step (site first made this table a fifth of the collector's
+-- CPU time on a 200 000-file upload). Replaces `site_blobs` (site, id).
+CREATE TABLE IF NOT EXISTS site_holdings (
     id   BLOB NOT NULL,
-    PRIMARY KEY (site, id)
+    site TEXT NOT NULL,
+    PRIMARY KEY (id, site)
 ) WITHOUT ROWID;
 -- Trees whose whole subtree was verified present for a site at a commit.
 CREATE TABLE IF NOT EXISTS site_trees (
@@ -103,6 +107,26 @@ CREATE TABLE IF NOT EXISTS source_lag (
 ) WITHOUT ROWID;
 INSERT OR IGNORE INTO counters(name, value) VALUES ('serial', 1000), ('crl', 0);
 ";
+
+/// Move the rows of `site_blobs` (site, id), as releases before
+/// `site_holdings` kept them, into `site_holdings` and drop the old table, in
+/// one transaction. Nothing to do on a database without it.
+fn migrate_site_blobs(conn: &Connection) -> Result<(), ServiceError> {
+    let old: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'site_blobs'",
+        [],
+        |r| r.get(0),
+    )?;
+    if old {
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             INSERT OR IGNORE INTO site_holdings(id, site) SELECT id, site FROM site_blobs;
+             DROP TABLE site_blobs;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
 
 /// An agent as the collector knows it.
 #[derive(Debug, Clone)]
@@ -163,6 +187,7 @@ impl State {
         // them opens and reads them as empty policies ("{}" = all defaults).
         add_column(&conn, "sources", "policy", "TEXT NOT NULL DEFAULT '{}'")?;
         add_column(&conn, "sites", "policy", "TEXT NOT NULL DEFAULT '{}'")?;
+        migrate_site_blobs(&conn)?;
         Ok(State {
             conn: Mutex::new(conn),
         })
@@ -407,7 +432,7 @@ impl State {
         let tx = c.transaction()?;
         let out = {
             let mut st =
-                tx.prepare_cached("SELECT 1 FROM site_blobs WHERE site = ?1 AND id = ?2")?;
+                tx.prepare_cached("SELECT 1 FROM site_holdings WHERE id = ?2 AND site = ?1")?;
             ids.iter()
                 .map(|id| st.exists(params![site, id]).map_err(ServiceError::from))
                 .collect::<Result<Vec<bool>, ServiceError>>()?
@@ -422,7 +447,7 @@ impl State {
         let tx = c.transaction()?;
         {
             let mut st =
-                tx.prepare_cached("INSERT OR IGNORE INTO site_blobs(site, id) VALUES (?1, ?2)")?;
+                tx.prepare_cached("INSERT OR IGNORE INTO site_holdings(site, id) VALUES (?1, ?2)")?;
             for id in ids {
                 st.execute(params![site, id])?;
             }
@@ -872,7 +897,10 @@ mod tests {
                      excludes TEXT NOT NULL, schedule TEXT NOT NULL, realtime INTEGER NOT NULL,
                      PRIMARY KEY (agent_id, name));
                  INSERT INTO sites VALUES ('paris', 1);
-                 INSERT INTO sources VALUES ('paris-1001', 'docs', '[\"/srv\"]', '[]', '', 1);",
+                 INSERT INTO sources VALUES ('paris-1001', 'docs', '[\"/srv\"]', '[]', '', 1);
+                 CREATE TABLE site_blobs (site TEXT NOT NULL, id BLOB NOT NULL,
+                     PRIMARY KEY (site, id)) WITHOUT ROWID;
+                 INSERT INTO site_blobs VALUES ('paris', x'01'), ('lyon', x'01'), ('paris', x'02');",
             )
             .expect("old schema");
         }
@@ -882,6 +910,16 @@ mod tests {
         assert!(old[0].realtime);
         assert_eq!(old[0].paths, vec!["/srv".to_string()]);
         assert_eq!(old[0].priority, 0);
+        // What each site held moved to the table keyed by id.
+        let ids = [vec![1u8], vec![2u8], vec![3u8]];
+        assert_eq!(
+            st.site_has("paris", &ids).expect("has"),
+            [true, true, false]
+        );
+        assert_eq!(
+            st.site_has("lyon", &ids).expect("has"),
+            [true, false, false]
+        );
         drop(st);
         // Opening again does not add the columns twice.
         let st = State::open(&path).expect("reopens");
