@@ -27,6 +27,7 @@ pub mod chunker;
 pub mod config;
 pub mod consts;
 pub mod crypto;
+pub mod direct;
 pub mod error;
 pub mod fsutil;
 pub mod glob;

@@ -9,12 +9,12 @@
 //! cut back to its length. A file system that refuses `O_DIRECT` writes gets
 //! the same bytes through the page cache instead.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use crate::blob::BlobKind;
 use crate::consts::{PACK_END_MAGIC, PACK_MAGIC};
 use crate::crypto::KeySet;
+use crate::direct::{ALIGN, AlignedBuf};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::pack::{PackEntry, TRAILER_AAD, encode_entries};
@@ -24,10 +24,6 @@ use crate::store::{PackStore, TempPack};
 /// piece on all its SIMD lanes, but a small blob's few hundred bytes one
 /// block at a time; and one write per megabyte keeps system calls few.
 const WRITE_BUF: usize = 1 << 20;
-
-/// Alignment of direct writes: their memory, offset and length (the largest
-/// logical block size of common devices).
-const ALIGN: usize = 4096;
 
 /// Added to the window's start: tests misalign it to see a refused direct
 /// write fall back to the page cache.
@@ -41,10 +37,8 @@ pub struct PackWriter {
     file: std::fs::File,
     /// Whether `file` was opened with `O_DIRECT` (cleared if a write refuses it).
     direct: bool,
-    /// Backing memory of the window: `WRITE_BUF + ALIGN` bytes, the window
-    /// starting at `start`, the first aligned address.
-    mem: Vec<u8>,
-    start: usize,
+    /// The window: `WRITE_BUF` bytes, aligned.
+    window: AlignedBuf,
     /// Bytes of the window filled, not yet hashed nor written.
     fill: usize,
     /// Bytes written to the file so far (its write position).
@@ -70,14 +64,12 @@ impl PackWriter {
     /// Start a pack in a new temporary file of `store`.
     pub fn new(store: &dyn PackStore) -> Result<Self> {
         let TempPack { file, path, direct } = store.create_temp()?;
-        let mem = vec![0u8; WRITE_BUF + ALIGN];
-        let start = mem.as_ptr().align_offset(ALIGN) + MISALIGN;
+        let window = AlignedBuf::new(WRITE_BUF, MISALIGN);
         let mut w = PackWriter {
             file,
-            // align_offset may (in theory) give up: then no direct writes.
-            direct: direct && start < ALIGN,
-            mem,
-            start: start.min(ALIGN),
+            // An unaligned window (only in tests) is left for the write to refuse.
+            direct: direct && (window.is_aligned() || cfg!(test)),
+            window,
             fill: 0,
             written: 0,
             path,
@@ -93,8 +85,8 @@ impl PackWriter {
         self.offset += b.len() as u64;
         while !b.is_empty() {
             let n = (WRITE_BUF - self.fill).min(b.len());
-            let at = self.start + self.fill;
-            self.mem[at..at + n].copy_from_slice(&b[..n]);
+            let at = self.fill;
+            self.window.as_mut_slice()[at..at + n].copy_from_slice(&b[..n]);
             self.fill += n;
             b = &b[n..];
             if self.fill == WRITE_BUF {
@@ -110,30 +102,16 @@ impl PackWriter {
         if self.fill == 0 {
             return Ok(());
         }
-        let window = self.start..self.start + self.fill;
-        self.hasher.update(&self.mem[window]);
+        let mem = self.window.as_mut_slice();
+        self.hasher.update(&mem[..self.fill]);
         let len = if self.direct {
             self.fill.next_multiple_of(ALIGN)
         } else {
             self.fill
         };
-        self.mem[self.start + self.fill..self.start + len].fill(0);
-        let data = &self.mem[self.start..self.start + len];
-        match self.file.write_all_at(data, self.written) {
-            Ok(()) => {}
-            Err(e) if self.direct && e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {
-                // The file system opened the file for direct I/O but refuses
-                // the write: the same bytes, at the same place, through the
-                // page cache.
-                self.direct = false;
-                crate::fsutil::clear_direct(&self.file)
-                    .map_err(|e| Error::io("leaving direct I/O on pack", &self.path, e))?;
-                self.file
-                    .write_all_at(data, self.written)
-                    .map_err(|e| Error::io("writing pack", &self.path, e))?;
-            }
-            Err(e) => return Err(Error::io("writing pack", &self.path, e)),
-        }
+        mem[self.fill..len].fill(0);
+        crate::direct::write_all_at(&self.file, &mut self.direct, &mem[..len], self.written)
+            .map_err(|e| Error::io("writing pack", &self.path, e))?;
         self.written += len as u64;
         self.fill = 0;
         Ok(())

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -82,23 +82,7 @@ impl DirStore {
 impl PackStore for DirStore {
     fn create_temp(&self) -> Result<TempPack> {
         let path = fsutil::tmp_name(&self.tmp.join("pack"));
-        let open = |flags: i32| {
-            File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .custom_flags(flags)
-                .open(&path)
-        };
-        let direct = self.direct_writes && fsutil::direct_flag() != 0;
-        let opened = match open(if direct { fsutil::direct_flag() } else { 0 }) {
-            Ok(f) => Ok((f, direct)),
-            // tmpfs and some others refuse O_DIRECT at open.
-            Err(e) if direct && e.kind() == std::io::ErrorKind::InvalidInput => {
-                open(0).map(|f| (f, false))
-            }
-            Err(e) => Err(e),
-        };
+        let opened = crate::direct::create_new(&path, self.direct_writes);
         let (file, direct) = opened.map_err(|e| Error::io("creating temporary pack", &path, e))?;
         Ok(TempPack { file, path, direct })
     }
