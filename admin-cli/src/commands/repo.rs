@@ -88,7 +88,7 @@ pub(crate) enum RepoCommand {
         /// Only this path inside the snapshot, restored as TARGET/<its last component>.
         #[arg(long)]
         path: Option<String>,
-        /// Writer threads (default: the number of cores).
+        /// Writer threads (default: twice the number of cores).
         #[arg(long)]
         threads: Option<usize>,
     },
