@@ -65,7 +65,36 @@ struct KeyringFile {
     wrapped: String,
 }
 
+/// Largest Argon2 memory a keyring may ask for: 4 GiB.
+pub const MAX_KDF_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+/// Most Argon2 passes a keyring may ask for.
+pub const MAX_KDF_PASSES: u32 = 64;
+/// Most Argon2 lanes a keyring may ask for.
+pub const MAX_KDF_LANES: u32 = 64;
+
+impl KdfParams {
+    /// Refuse parameters above the limits above. The keyring's parameters
+    /// are not authenticated (they are needed before anything can be): one
+    /// who can edit the file could otherwise make every open allocate
+    /// terabytes or run for days.
+    pub fn check(&self) -> Result<()> {
+        if self.m_cost_kib > MAX_KDF_MEMORY_KIB
+            || self.t_cost > MAX_KDF_PASSES
+            || self.p_cost > MAX_KDF_LANES
+        {
+            return Err(Error::Refused(format!(
+                "keyring asks for Argon2 memory {} KiB, {} passes, {} lanes; the limits are \
+                 {MAX_KDF_MEMORY_KIB} KiB, {MAX_KDF_PASSES} passes, {MAX_KDF_LANES} lanes \
+                 (was the keyring file edited? restore it from a copy)",
+                self.m_cost_kib, self.t_cost, self.p_cost
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn derive_kek(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>> {
+    p.check()?;
     let params = argon2::Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32))
         .map_err(|e| Error::Refused(format!("bad Argon2 parameters: {e}")))?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -202,6 +231,40 @@ mod tests {
             read_keyring(&p, b"wrong"),
             Err(Error::WrongPassphrase(_))
         ));
+    }
+
+    #[test]
+    fn argon2_parameters_over_the_limits_are_refused_before_any_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keyring");
+        let keys = Keys::generate().unwrap();
+        write_keyring(&p, &keys, b"pw", KdfParams::with_memory_kib(Some(64))).unwrap();
+        let good = std::fs::read_to_string(&p).unwrap();
+        for (field, value) in [
+            ("m_cost_kib", 1u64 << 31),
+            ("t_cost", 1 << 20),
+            ("p_cost", 1 << 16),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+            v["params"][field] = value.into();
+            std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+            let started = std::time::Instant::now();
+            let err = read_keyring(&p, b"pw").err().expect("refused");
+            assert!(matches!(err, Error::Refused(_)), "{field}: {err}");
+            assert!(err.to_string().contains("limits"), "{field}: {err}");
+            // Refused up front, not after allocating or hashing.
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{field}"
+            );
+        }
+        // Over the limits at creation too.
+        let huge = KdfParams {
+            m_cost_kib: MAX_KDF_MEMORY_KIB + 1,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        assert!(write_keyring(&dir.path().join("k2"), &keys, b"pw", huge).is_err());
     }
 
     #[test]
