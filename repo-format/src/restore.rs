@@ -646,18 +646,10 @@ impl<'a> WindowWriter<'a> {
         let len = self.fill.next_multiple_of(crate::direct::ALIGN);
         let mem = self.buf.as_mut_slice();
         mem[self.fill..len].fill(0);
-        let mut i = 0;
-        while i < len {
-            if is_zero(&mem[i..i + HOLE_BLOCK]) {
-                i += HOLE_BLOCK;
-                continue;
-            }
-            let mut j = i + HOLE_BLOCK;
-            while j < len && !is_zero(&mem[j..j + HOLE_BLOCK]) {
-                j += HOLE_BLOCK;
-            }
-            crate::direct::write_all_at(f, &mut self.direct, &mem[i..j], self.at + i as u64)?;
-            i = j;
+        let mem = &mem[..len];
+        for run in data_runs(mem) {
+            let at = self.at + run.start as u64;
+            crate::direct::write_all_at(f, &mut self.direct, &mem[run], at)?;
         }
         self.at += self.fill as u64;
         self.fill = 0;
@@ -680,27 +672,32 @@ fn is_zero(block: &[u8]) -> bool {
 /// offset of the last piece written (`None`: all zeros, nothing written).
 fn write_sparse(f: &File, data: &[u8], base: u64) -> std::io::Result<Option<u64>> {
     let mut end_written = None;
-    let mut i = 0;
-    while i < data.len() {
-        let end = (i + HOLE_BLOCK).min(data.len());
-        if end - i == HOLE_BLOCK && is_zero(&data[i..end]) {
-            i = end;
-            continue;
-        }
-        // Extend over following non-zero blocks to write in large pieces.
-        let mut j = end;
-        while j < data.len() {
-            let k = (j + HOLE_BLOCK).min(data.len());
-            if k - j == HOLE_BLOCK && is_zero(&data[j..k]) {
-                break;
-            }
-            j = k;
-        }
-        f.write_all_at(&data[i..j], base + i as u64)?;
-        end_written = Some(base + j as u64);
-        i = j;
+    for run in data_runs(data) {
+        f.write_all_at(&data[run.clone()], base + run.start as u64)?;
+        end_written = Some(base + run.end as u64);
     }
     Ok(end_written)
+}
+
+/// The ranges of `data` to write: everything but whole [`HOLE_BLOCK`]s of
+/// zeros (counted from the start of `data`; a partial last block is data),
+/// adjacent non-zero blocks merged into one range.
+fn data_runs(data: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let hole_at = move |i: usize| i + HOLE_BLOCK <= data.len() && is_zero(&data[i..i + HOLE_BLOCK]);
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < data.len() && hole_at(i) {
+            i += HOLE_BLOCK;
+        }
+        if i >= data.len() {
+            return None;
+        }
+        let start = i;
+        while i < data.len() && !hole_at(i) {
+            i = (i + HOLE_BLOCK).min(data.len());
+        }
+        Some(start..i)
+    })
 }
 
 #[cfg(test)]
