@@ -321,6 +321,18 @@ fn backup_at_one_site_restores_bit_exact_at_another() {
 
     let _agent = KillOnDrop(spawn_agent(&lyon));
     let lyon_id = c.online_agent("lyon");
+    // One file first: only the trees down to it and its chunks are pulled.
+    let one = tmp.path().join("one");
+    let jobs = c.restore_job_path(&snap, &lyon_id, &one, Some("src/chunks/avg+1"));
+    assert_eq!(
+        std::fs::read(one.join("avg+1")).expect("restored file"),
+        std::fs::read(src.join("chunks/avg+1")).expect("source file")
+    );
+    let pulled: u64 = number_before(&jobs, "pulled,", 2);
+    assert!(
+        (4..=6).contains(&pulled),
+        "3 trees and the file's 1-3 chunks: {jobs}"
+    );
     let target = tmp.path().join("restored");
     c.restore_job(&snap, &lyon_id, &target);
     compare::assert_same_tree(&src, &target.join("src"));
@@ -1373,13 +1385,46 @@ fn uploaded_data_leaves_the_spool_and_restores_still_work() {
     );
     assert!(dir_bytes(&state.join("spool").join("packs")) < 1024 * 1024);
 
-    // The agent restores its own latest snapshot, pulling what it dropped.
+    // The agent restores its own latest snapshot. What it dropped from the
+    // spool is still in its own files, but one file changed since the
+    // backup (same size and mtime, other bytes): that chunk is not trusted
+    // and is pulled, the rest is taken locally, and the restore is the
+    // snapshot's, bit for bit.
+    let pristine = tmp.path().join("pristine");
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&pristine)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    let mtime = std::fs::metadata(&victim)
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 4096], 0).expect("overwrite");
+    f.set_modified(mtime).expect("keep mtime");
+    drop(f);
     let _agent = KillOnDrop(spawn_agent(&state));
     let id = c.online_agent("rouen");
     let snap = c.snapshot_ids().last().expect("snapshots").clone(); // oldest first
     let target = tmp.path().join("restored");
-    c.restore_job(&snap, &id, &target);
-    compare::assert_same_tree(&src, &target.join("src"));
+    let jobs = c.restore_job(&snap, &id, &target);
+    compare::assert_same_tree(&pristine, &target.join("src"));
+    let pulled: u64 = number_before(&jobs, "pulled,", 2);
+    let local: u64 = number_before(&jobs, "chunks", 1);
+    assert!(
+        (1..=2).contains(&pulled),
+        "only the changed chunk was pulled: {jobs}"
+    );
+    assert!(
+        local >= 8,
+        "the rest came from the agent's own files: {jobs}"
+    );
 }
 
 #[test]

@@ -193,14 +193,20 @@ pub async fn run_restore(
         .send(report(id, pb::JobState::Running, "pulling".into(), 0, 0))
         .await;
     let ev = match restore_job(&st, &collector, &job).await {
-        Ok(out) if out.errors.is_empty() => report(
+        Ok((out, got)) if out.errors.is_empty() => report(
             id,
             pb::JobState::Done,
-            format!("{} warnings", out.warnings.len()),
+            format!(
+                "{} warnings; {} blobs pulled, {} chunks ({} bytes) taken from local files",
+                out.warnings.len(),
+                got.pulled,
+                got.local.chunks,
+                got.local.bytes
+            ),
             out.files,
             out.bytes,
         ),
-        Ok(out) => report(
+        Ok((out, _)) => report(
             id,
             pb::JobState::Failed,
             out.errors.join("; ").chars().take(4000).collect(),
@@ -217,7 +223,7 @@ async fn restore_job(
     st: &StateDir,
     collector: &str,
     job: &pb::RestoreJob,
-) -> Result<repo_format::restore::RestoreOutcome> {
+) -> Result<(repo_format::restore::RestoreOutcome, crate::pull::Pulled)> {
     let target = std::path::PathBuf::from(&job.target);
     if !target.is_absolute() {
         bail!("restore target {} is not absolute", job.target);
@@ -235,14 +241,28 @@ async fn restore_job(
     let snap =
         repo_format::Id::from_slice(&job.snapshot_id).context("job has a malformed snapshot id")?;
     let st2 = StateDir::new(st.root());
-    let (repo, _acked) = tokio::task::spawn_blocking(move || st2.spool()).await??;
+    let (repo, acked) = tokio::task::spawn_blocking(move || st2.spool()).await??;
     let repo = std::sync::Arc::new(repo);
     let mut client = connect(st, collector).await?;
     // No spool trim while this job counts on what the spool holds.
     let _in_use = crate::trim::restore_guard(repo.root()).await?;
-    let pulled = crate::pull::pull_tree(&mut client, repo.clone(), job.job_id, root).await?;
-    tracing::info!(job = job.job_id, pulled, "blobs pulled for restore");
     let path = (!job.path.is_empty()).then(|| job.path.clone());
+    let got = crate::pull::pull_tree(
+        &mut client,
+        repo.clone(),
+        std::sync::Arc::new(acked),
+        job.job_id,
+        root,
+        path.as_deref(),
+    )
+    .await?;
+    tracing::info!(
+        job = job.job_id,
+        pulled = got.pulled,
+        local_chunks = got.local.chunks,
+        local_bytes = got.local.bytes,
+        "blobs present for restore"
+    );
     let out = tokio::task::spawn_blocking(move || {
         let opts = repo_format::restore::RestoreOptions {
             path,
@@ -251,7 +271,7 @@ async fn restore_job(
         repo_format::restore::restore_tree(&repo, &snap, &root, &target, &opts)
     })
     .await??;
-    Ok(out)
+    Ok((out, got))
 }
 
 /// Seconds left and total lifetime of our certificate.

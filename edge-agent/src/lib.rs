@@ -3,7 +3,8 @@
 //! Runs at a remote office: enrollment ([`enroll`]); backups into a local
 //! spool repository, uploaded to the collector ([`upload`], with the
 //! acknowledged set in [`acked`]); the long-lived control stream with
-//! heartbeats, reconnection and restore jobs ([`control`], [`pull`]); its
+//! heartbeats, reconnection and restore jobs ([`control`], [`pull`], taking what it can from its own
+//! files through [`local`]); its
 //! identity, keys and spool in a state directory ([`state`]).
 //!
 //! Why a spool: the agent runs the same tested backup engine as offline
@@ -17,6 +18,7 @@ pub mod control;
 pub mod enroll;
 pub mod gate;
 pub mod history;
+pub mod local;
 pub mod pull;
 pub mod schedule;
 pub mod sources;

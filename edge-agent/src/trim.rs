@@ -7,8 +7,10 @@
 //! - backup: nothing. A chunk the spool's catalog lacks but the acknowledged
 //!   set has is recorded without being sealed or stored again
 //!   ([`repo_format::backup::StoredElsewhere`]), and never sent again;
-//! - restore jobs: it is pulled from the collector like any chunk the agent
-//!   lacks. Jobs hold [`restore_guard`] (a file lock) while they pull and
+//! - restore jobs: it is re-read from the agent's own files where they
+//!   still hold it ([`crate::local`]), else pulled from the collector. What
+//!   a job brings into the spool is recorded as acknowledged (the job
+//!   granted the site its snapshot), so the next trim drops it. Jobs hold [`restore_guard`] (a file lock) while they pull and
 //!   restore, and a trim skips its turn while any job holds it, so a job
 //!   never loses a chunk it counted on;
 //! - uploads of other sources running meanwhile: a blob they were about to

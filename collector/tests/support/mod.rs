@@ -220,22 +220,39 @@ impl Collector {
     }
 
     /// Restore snapshot `snap` onto agent `agent` into `target` through a
-    /// restore job, and wait for the job to succeed.
-    pub fn restore_job(&self, snap: &str, agent: &str, target: &Path) {
-        let job = self.ok(&[
+    /// restore job, and wait for the job to succeed; returns the job listing
+    /// (its message says how many blobs were pulled and taken locally).
+    pub fn restore_job(&self, snap: &str, agent: &str, target: &Path) -> String {
+        self.restore_job_path(snap, agent, target, None)
+    }
+
+    /// [`Collector::restore_job`] of only `path` in the snapshot, if given.
+    pub fn restore_job_path(
+        &self,
+        snap: &str,
+        agent: &str,
+        target: &Path,
+        path: Option<&str>,
+    ) -> String {
+        let mut args = vec![
             "restore",
             snap,
             "--to-agent",
             agent,
             "--target",
             target.to_str().expect("utf8"),
-        ]);
+        ];
+        if let Some(p) = path {
+            args.extend(["--path", p]);
+        }
+        let job = self.ok(&args);
         let o = self.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "120"]);
         assert!(
             o.status.success(),
             "restore job failed: {}",
             String::from_utf8_lossy(&o.stdout)
         );
+        String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     /// `hubvault repo check` of the collector's repository, with the
