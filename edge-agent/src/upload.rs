@@ -23,6 +23,7 @@ use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
 use repo_format::blob::BlobKind;
 use repo_format::catalog::BlobLocation;
+use repo_format::direct::{ALIGN, AlignedBuf};
 use repo_format::{Id, Repository};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -117,13 +118,19 @@ impl PendingWalk {
                 .map(|b| b.id)
                 .collect();
             let mut done = acked.contains_each(&data)?.into_iter();
-            let window: Vec<Outgoing> = raw
+            let (mut data, trees): (Vec<Outgoing>, Vec<Outgoing>) = raw
                 .into_iter()
                 .filter(|b| b.kind != BlobKind::Data || done.next() == Some(false))
-                .collect();
-            if !window.is_empty() {
-                return Ok(window);
+                .partition(|b| b.kind == BlobKind::Data);
+            if data.is_empty() && trees.is_empty() {
+                continue;
             }
+            // Data first, in pack order, so the stream reads packs in long
+            // spans; then the trees in walk order (after their subtrees).
+            locate(repo, &mut data)?;
+            data.sort_by_key(|b| b.at.map(|l| (l.pack, l.offset)));
+            data.extend(trees);
+            return Ok(data);
         }
     }
 
@@ -162,6 +169,19 @@ impl PendingWalk {
         }
         Ok(out)
     }
+}
+
+/// Fill in where the spool holds each of `blobs` (one read transaction);
+/// a blob it lacks keeps `None` and is decided when sent.
+fn locate(repo: &Repository, blobs: &mut [Outgoing]) -> Result<()> {
+    let cat = repo.catalog()?;
+    cat.begin_read()?;
+    let found: repo_format::Result<()> = blobs.iter_mut().try_for_each(|b| {
+        b.at = cat.lookup(&b.id)?;
+        Ok(())
+    });
+    cat.end_read()?;
+    Ok(found?)
 }
 
 /// Packs queued for [`EarlyUpload`] at most; a pack finished while the queue
@@ -397,6 +417,44 @@ async fn queue_lacking(
     s.send(repo, lacking, control).await
 }
 
+/// Largest span of a pack read at once for an upload.
+const SPAN: u64 = 4 << 20;
+
+/// The end (exclusive) of the run of blobs starting at `i` that lie back to
+/// back in one pack, at most [`SPAN`] bytes in all.
+fn run_end(blobs: &[Outgoing], i: usize) -> usize {
+    let Some(first) = blobs[i].at else {
+        return i + 1;
+    };
+    let mut end = first.offset + first.length as u64;
+    let mut j = i + 1;
+    while let Some(Some(b)) = blobs.get(j).map(|b| b.at) {
+        if b.pack != first.pack || b.offset != end || end + b.length as u64 - first.offset > SPAN {
+            break;
+        }
+        end += b.length as u64;
+        j += 1;
+    }
+    j
+}
+
+/// One blob's location (looked up unless known) and sealed bytes; `None`
+/// when the spool does not catalogue it.
+fn read_blob(
+    repo: &Repository,
+    id: &Id,
+    at: Option<BlobLocation>,
+) -> repo_format::Result<Option<(BlobLocation, Vec<u8>)>> {
+    let loc = match at {
+        Some(at) => Some(at),
+        None => repo.catalog()?.lookup(id)?,
+    };
+    let Some(loc) = loc else { return Ok(None) };
+    let mut sealed = vec![0u8; loc.length as usize];
+    repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
+    Ok(Some((loc, sealed)))
+}
+
 /// Messages queued between the spool reader and the upload stream.
 const STREAM_QUEUE: usize = 8;
 
@@ -421,6 +479,8 @@ struct BlobStream {
     queued: u64,
     /// Sealed bytes queued so far.
     bytes: u64,
+    /// Where pack spans are read (see [`SPAN`]).
+    span_buf: Option<AlignedBuf>,
 }
 
 impl BlobStream {
@@ -467,6 +527,7 @@ impl BlobStream {
             acked,
             queued: 0,
             bytes: 0,
+            span_buf: None,
         })
     }
 
@@ -484,64 +545,95 @@ impl BlobStream {
             self.ended.clone(),
             self.acked.clone(),
         );
-        let (n, bytes) = tokio::task::spawn_blocking(move || -> Result<(u64, u64)> {
+        // Reused by every call: a fresh multi-megabyte buffer costs page faults.
+        let mut span_buf = self
+            .span_buf
+            .take()
+            .unwrap_or_else(|| AlignedBuf::new(SPAN as usize + 2 * ALIGN, 0));
+        let (n, bytes, span_buf) = tokio::task::spawn_blocking(move || -> Result<_> {
             let (mut n, mut bytes) = (0u64, 0u64);
-            for Outgoing { kind, id, at } in blobs {
+            let mut i = 0;
+            while i < blobs.len() {
                 if ended.load(std::sync::atomic::Ordering::Acquire) {
                     break; // close() says why
                 }
-                let fresh = in_flight
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?
-                    .insert(id);
-                if !fresh {
-                    continue; // sent already on this stream, acknowledgement pending
-                }
-                let loc = match at {
-                    Some(at) => Ok(Some(at)),
-                    None => repo.catalog().and_then(|c| c.lookup(&id)),
-                };
-                let read = loc.and_then(|loc| {
-                    let Some(loc) = loc else { return Ok(None) };
-                    let mut sealed = vec![0u8; loc.length as usize];
-                    repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
-                    Ok(Some((loc, sealed)))
-                });
-                let (loc, sealed) = match read {
-                    Ok(Some(found)) => found,
-                    // Dropped from the spool meanwhile by a trim after another
-                    // source's upload: the collector holds it, nothing to send.
-                    _ if acked.contains(&id)? => {
-                        if let Ok(mut f) = in_flight.lock() {
-                            f.remove(&id);
+                // A run of blobs lying back to back in one pack is read in
+                // one direct span, not a read per blob.
+                let j = run_end(&blobs, i);
+                let span = match blobs[i].at {
+                    Some(a) if j - i > 1 => {
+                        let last = blobs[j - 1]
+                            .at
+                            .map_or(a.offset, |b| b.offset + b.length as u64);
+                        let len = (last - a.offset) as usize;
+                        match repo
+                            .store()
+                            .read_span(&a.pack, a.offset, len, &mut span_buf)
+                        {
+                            Ok(s) => Some((a.offset, s)),
+                            // Dropped meanwhile, or damaged: each blob decides below.
+                            Err(e) => {
+                                tracing::debug!("reading a span of spool pack {}: {e}", a.pack);
+                                None
+                            }
                         }
-                        continue;
                     }
-                    Ok(None) => bail!("blob {id} missing from the local spool"),
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("reading blob {id} from the spool"));
+                    _ => None,
+                };
+                for &Outgoing { kind, id, at } in &blobs[i..j] {
+                    let fresh = in_flight
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?
+                        .insert(id);
+                    if !fresh {
+                        continue; // sent already on this stream, acknowledgement pending
                     }
-                };
-                throttle::wait_all(&ctl.throttles, sealed.len() as u64);
-                ctl.sent
-                    .fetch_add(sealed.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                bytes += sealed.len() as u64;
-                n += 1;
-                let msg = pb::UploadRequest {
-                    protocol: PROTOCOL,
-                    kind: kind as u32,
-                    id: id.0.to_vec(),
-                    sealed,
-                    raw_length: loc.raw_length,
-                };
-                if tx.blocking_send(msg).is_err() {
-                    // The stream ended early: close() reports why.
-                    break;
+                    let read = match (span, at) {
+                        (Some((start, s)), Some(loc)) => {
+                            let from = (loc.offset - start) as usize;
+                            Ok(Some((loc, s[from..from + loc.length as usize].to_vec())))
+                        }
+                        _ => read_blob(&repo, &id, at),
+                    };
+                    let (loc, sealed) = match read {
+                        Ok(Some(found)) => found,
+                        // Dropped from the spool meanwhile by a trim after another
+                        // source's upload: the collector holds it, nothing to send.
+                        _ if acked.contains(&id)? => {
+                            if let Ok(mut f) = in_flight.lock() {
+                                f.remove(&id);
+                            }
+                            continue;
+                        }
+                        Ok(None) => bail!("blob {id} missing from the local spool"),
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("reading blob {id} from the spool"));
+                        }
+                    };
+                    throttle::wait_all(&ctl.throttles, sealed.len() as u64);
+                    ctl.sent
+                        .fetch_add(sealed.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    bytes += sealed.len() as u64;
+                    n += 1;
+                    let msg = pb::UploadRequest {
+                        protocol: PROTOCOL,
+                        kind: kind as u32,
+                        id: id.0.to_vec(),
+                        sealed,
+                        raw_length: loc.raw_length,
+                    };
+                    if tx.blocking_send(msg).is_err() {
+                        // The stream ended early: close() reports why.
+                        return Ok((n, bytes, span_buf));
+                    }
                 }
+                i = j;
             }
-            Ok((n, bytes))
+            Ok((n, bytes, span_buf))
         })
         .await??;
+        self.span_buf = Some(span_buf);
         self.queued += n;
         self.bytes += bytes;
         Ok(())

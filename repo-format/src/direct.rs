@@ -1,12 +1,15 @@
-//! Direct I/O: aligned memory and positional writes that bypass the page
-//! cache (`O_DIRECT`), falling back to buffered writes of the same bytes
-//! where a file system refuses them.
+//! Direct I/O: aligned memory and positional reads and writes that bypass
+//! the page cache (`O_DIRECT`), falling back to buffered I/O of the same
+//! bytes where a file system refuses them.
 //!
 //! Why: on the virtual machines hubvault is measured on, copying into fresh
 //! page-cache pages costs a fault per page (11 % of a backup's CPU time when
 //! packs were written buffered; 20 % of a large-file restore). A direct
 //! write of 400 MiB took 0.07 s of system time against 0.26-1.1 s buffered.
-//! Used for pack files and for the content of large restored files.
+//! Reading a just-written pack back in small pieces through the page cache
+//! cost 0.3-0.75 s of system time per 256 MiB; 4 MiB direct reads 0.02 s.
+//! Used for pack files (written, and read back by an agent's upload) and
+//! for the content of large restored files.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -102,4 +105,45 @@ pub fn write_all_at(
         }
         other => other,
     }
+}
+
+/// Open `path` for reading, with `O_DIRECT` when `direct` is asked and the
+/// file system accepts it at open. Returns the file and whether it is direct.
+pub fn open_read(path: &Path, direct: bool) -> std::io::Result<(File, bool)> {
+    let open = |flags: i32| File::options().read(true).custom_flags(flags).open(path);
+    let direct = direct && crate::fsutil::direct_flag() != 0;
+    if !direct {
+        return open(0).map(|f| (f, false));
+    }
+    match open(crate::fsutil::direct_flag()) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => open(0).map(|f| (f, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Read into `buf` from `offset` until it is full or the file ends; returns
+/// the bytes read. With `*direct`, `buf`'s memory, `offset` and `buf.len()`
+/// must be aligned to [`ALIGN`]; a read refused as invalid turns direct I/O
+/// off on the file, clears `*direct` and reads through the page cache.
+pub fn read_full_at(
+    file: &File,
+    direct: &mut bool,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if *direct && e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {
+                *direct = false;
+                crate::fsutil::clear_direct(file)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }

@@ -9,6 +9,7 @@ pub mod dir;
 use std::fs::File;
 use std::path::PathBuf;
 
+use crate::direct::AlignedBuf;
 use crate::error::Result;
 use crate::id::Id;
 
@@ -37,6 +38,27 @@ pub trait PackStore: Send + Sync {
     fn put(&self, tmp: TempPack, name: &Id) -> Result<()>;
     /// Read exactly `buf.len()` bytes of pack `name` at `offset`.
     fn read_at(&self, name: &Id, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Read bytes `offset..offset + len` of pack `name` in one piece, for a
+    /// caller that reads a pack front to back in large spans (an agent's
+    /// upload); returns them as a slice of `buf`, which is grown as needed
+    /// and reused across calls. The default reads with
+    /// [`PackStore::read_at`]; [`dir::DirStore`] reads the aligned span
+    /// around them with direct I/O, which keeps a pack that was just written
+    /// (and will be dropped once uploaded) out of the page cache.
+    fn read_span<'b>(
+        &self,
+        name: &Id,
+        offset: u64,
+        len: usize,
+        buf: &'b mut AlignedBuf,
+    ) -> Result<&'b [u8]> {
+        if buf.len() < len {
+            *buf = AlignedBuf::new(len, 0);
+        }
+        let out = &mut buf.as_mut_slice()[..len];
+        self.read_at(name, offset, out)?;
+        Ok(out)
+    }
     /// Size of pack `name` in bytes.
     fn size(&self, name: &Id) -> Result<u64>;
     /// Names of all stored packs.
