@@ -72,3 +72,38 @@ pub fn clear_direct(file: &File) -> std::io::Result<()> {
     fcntl(file, FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
     Ok(())
 }
+
+/// Age after which a temporary file is taken as left by a crash: a live
+/// writer finishes a pack in seconds and touches it as it writes.
+pub const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Delete the temporary files in `dir` not modified for `older_than`:
+/// everything in a repository's `tmp/`, and `.*.tmp-*` names
+/// ([`tmp_name`]) elsewhere when `only_tmp_names`. A crash between create
+/// and rename leaves them behind; nothing refers to them. Best effort:
+/// returns how many went; a file that cannot be removed stays for the
+/// next open.
+pub fn sweep_stale(dir: &Path, older_than: std::time::Duration, only_tmp_names: bool) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let now = std::time::SystemTime::now();
+    let mut n = 0;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let b = name.as_bytes();
+        if only_tmp_names && !(b.starts_with(b".") && b.windows(5).any(|w| w == b".tmp-")) {
+            continue;
+        }
+        let Ok(m) = e.metadata() else { continue };
+        let age = m.modified().ok().and_then(|t| now.duration_since(t).ok());
+        if m.is_file()
+            && age.is_some_and(|a| a >= older_than)
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}

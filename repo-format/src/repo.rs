@@ -6,7 +6,8 @@
 //! <repo>/catalog.db      SQLite index (catalog.rs); rebuildable
 //! <repo>/packs/xx/<name> pack files (pack.rs), fan-out by first byte
 //! <repo>/snapshots/<id>  sealed snapshot files (snapshot.rs)
-//! <repo>/tmp/            temporary files; anything here is garbage
+//! <repo>/tmp/            temporary files; anything here is garbage (swept at
+//!                        open once a day old)
 //! <repo>/lock            advisory lock: shared for backup/restore, exclusive for rebuild
 //! ```
 
@@ -104,6 +105,10 @@ impl Repository {
     ) -> Result<Self> {
         let (config, keys, lock) = Self::open_parts(root, passphrase, lock)?;
         let catalog = Catalog::open(&catalog_path(root))?;
+        // Temporaries a crash left between create and rename (a temporary
+        // pack is up to 32 MiB): old enough that no live writer owns them.
+        crate::fsutil::sweep_stale(&root.join("tmp"), crate::fsutil::STALE_TMP, false);
+        crate::fsutil::sweep_stale(&root.join("snapshots"), crate::fsutil::STALE_TMP, true);
         Ok(Repository {
             root: root.to_path_buf(),
             config,
@@ -373,5 +378,46 @@ mod tests {
         std::fs::remove_file(repo.snapshots_dir().join(b.to_hex())).expect("rm");
         repo.forget_snapshot(&b).expect("row without file");
         assert!(repo.snapshots().expect("list").is_empty());
+    }
+
+    #[test]
+    fn open_sweeps_temporaries_a_crash_left_once_a_day_old() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("repo");
+        let repo = test_repository(&root);
+        let s = snap(1);
+        let kept = repo.commit_snapshot(&s).expect("commit");
+        drop(repo);
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(25 * 3600);
+        let make = |p: PathBuf, age: Option<std::time::SystemTime>| {
+            let f = File::create(&p).expect("create");
+            if let Some(t) = age {
+                f.set_modified(t).expect("mtime");
+            }
+            p
+        };
+        let tmp = root.join("tmp");
+        let stale_pack = make(tmp.join("pack.tmp-0011"), Some(old));
+        let live_pack = make(tmp.join("pack.tmp-2233"), None);
+        let snaps = root.join("snapshots");
+        let stale_snap = make(snaps.join(".abc.tmp-4455"), Some(old));
+        let live_snap = make(snaps.join(".abc.tmp-6677"), None);
+        let old_other = make(snaps.join("not-a-temporary"), Some(old));
+
+        let repo = Repository::open(&root, b"pw", LockMode::Shared).expect("reopen");
+        assert!(
+            !stale_pack.exists() && !stale_snap.exists(),
+            "stale temporaries swept"
+        );
+        assert!(
+            live_pack.exists() && live_snap.exists(),
+            "a live writer's are kept"
+        );
+        assert!(
+            old_other.exists(),
+            "only temporary names are swept outside tmp/"
+        );
+        assert!(repo.snapshots_dir().join(kept.to_hex()).exists());
+        assert_eq!(repo.snapshots().expect("list").len(), 1);
     }
 }
