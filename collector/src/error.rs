@@ -45,6 +45,9 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    /// A per-caller limit is reached (see `budget`): retry later.
+    #[error("resource exhausted: {0}")]
+    Exhausted(String),
     /// Anything else internal (a bug or a dead task).
     #[error("internal error: {0}")]
     Internal(String),
@@ -71,6 +74,7 @@ impl From<ServiceError> for Status {
             ServiceError::Denied(_) => Status::permission_denied(msg),
             ServiceError::NotFound(_) => Status::not_found(msg),
             ServiceError::Exists(_) => Status::already_exists(msg),
+            ServiceError::Exhausted(_) => Status::resource_exhausted(msg),
             ServiceError::Repo(ref r) if r.is_integrity() => Status::data_loss(msg),
             ServiceError::Repo(_)
             | ServiceError::State(_)

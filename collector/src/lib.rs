@@ -22,6 +22,7 @@
 //! ```
 
 pub mod auth;
+pub mod budget;
 pub mod commit;
 pub mod error;
 pub mod ingest;
@@ -64,6 +65,8 @@ pub struct Ctx {
     pub revoked: Arc<Revoked>,
     /// Open control streams by agent id.
     pub sessions: Mutex<HashMap<String, CommandSender>>,
+    /// Per-agent limits on uploads in flight.
+    pub uploads: Arc<budget::Budgets>,
     /// Repository parameters agents need.
     pub repo_params: pb::RepoParams,
     /// The repository (metadata keys only: trees readable, content not).

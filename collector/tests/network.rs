@@ -1460,3 +1460,70 @@ fn a_blob_sent_twice_in_one_stream_is_acknowledged_twice_and_stored_once() {
     });
     assert_eq!(c.pack_count(), packs_before + 1, "stored once, in one pack");
 }
+
+#[test]
+fn one_agent_gets_a_bounded_number_of_upload_streams_and_bytes_in_flight() {
+    use tokio_stream::StreamExt;
+    let c = Collector::start();
+    c.ok(&["site", "add", "nantes"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = enrolled(&c, "nantes", tmp.path());
+    rt().block_on(async {
+        let ch = c.channel(Some((&state, "agent"))).await.expect("connects");
+        let a = pb::agent_service_client::AgentServiceClient::new(ch);
+        // 16 streams held open (nothing sent yet): the 17th is refused.
+        let mut held = Vec::new();
+        let mut senders = Vec::new();
+        for _ in 0..16 {
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
+            let resp = a
+                .clone()
+                .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("under the cap");
+            held.push(resp);
+            senders.push(tx);
+        }
+        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
+        let err = a
+            .clone()
+            .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect_err("over the cap");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        assert!(err.message().contains("upload streams open"), "{err}");
+        drop(senders);
+        drop(held);
+
+        // Four streams at once, 40 MiB each: more than the agent's 96 MiB
+        // budget in all. Each waits its turn for room; none deadlocks, and
+        // every blob is acknowledged.
+        let mut tasks = Vec::new();
+        for s in 0..4u8 {
+            let mut a = a.clone();
+            tasks.push(tokio::spawn(async move {
+                let blobs = (0..10u8).map(move |i| pb::UploadRequest {
+                    protocol: PROTOCOL,
+                    kind: 0,
+                    id: vec![s * 16 + i; 32],
+                    sealed: vec![i; 4 * 1024 * 1024],
+                    raw_length: 4 * 1024 * 1024 - 40,
+                });
+                let resp = a
+                    .upload(tokio_stream::iter(blobs))
+                    .await
+                    .expect("upload")
+                    .into_inner();
+                let acks: Vec<pb::UploadAck> = resp.map(|r| r.expect("ack")).collect().await;
+                acks.into_iter().map(|a| a.ids.len()).sum::<usize>()
+            }));
+        }
+        for t in tasks {
+            let acked = tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("no deadlock")
+                .expect("task");
+            assert_eq!(acked, 10);
+        }
+    });
+}

@@ -160,10 +160,16 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         req: Request<Streaming<pb::UploadRequest>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
         let (site, serial) = agent_of(&req)?;
+        let Role::Agent { agent_id, .. } = caller(&req)?.role else {
+            return Err(Status::permission_denied("agents only"));
+        };
+        let budget = self.ctx.uploads.open_stream(&agent_id)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
+            // Room taken in the agent's budget for `batch` (see `budget`).
+            let mut room: Option<tokio::sync::OwnedSemaphorePermit> = None;
             // Double-buffered: one batch is made durable (off the runtime)
             // while the next is received, so the link does not idle during
             // each pack's fsync. At most two batches per stream are alive;
@@ -186,7 +192,37 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                         }
                         match ingest::validate(m) {
                             Ok(b) => {
-                                bytes += b.sealed.len();
+                                let n = b.sealed.len();
+                                let permit = match budget.try_take(n) {
+                                    Some(p) => p,
+                                    None => {
+                                        // Over the agent's budget: make what this
+                                        // stream holds durable, then wait for room.
+                                        if let Some(prev) = ingesting.take()
+                                            && !send_ack(&tx, prev).await
+                                        {
+                                            return;
+                                        }
+                                        if !batch.is_empty() {
+                                            let b = std::mem::take(&mut batch);
+                                            bytes = 0;
+                                            ingesting =
+                                                Some(spawn_ingest(&ctx, &site, b, room.take()));
+                                        }
+                                        match budget.take(n).await {
+                                            Ok(p) => p,
+                                            Err(e) => {
+                                                let _ = tx.send(Err(e.into())).await;
+                                                return;
+                                            }
+                                        }
+                                    }
+                                };
+                                match room.as_mut() {
+                                    Some(r) => r.merge(permit),
+                                    None => room = Some(permit),
+                                }
+                                bytes += n;
                                 batch.push(b);
                             }
                             Err(e) => {
@@ -218,10 +254,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 if flush {
                     let b = std::mem::take(&mut batch);
                     bytes = 0;
-                    let (site, ctx) = (site.clone(), ctx.clone());
-                    ingesting = Some(tokio::spawn(async move {
-                        ctx.blocking(move |c| ingest::ingest(c, &site, b)).await
-                    }));
+                    ingesting = Some(spawn_ingest(&ctx, &site, b, room.take()));
                 }
                 if done {
                     if let Some(last) = ingesting.take() {
@@ -363,6 +396,22 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             certificate_ttl_secs: crate::pki::AGENT_CERT_TTL.whole_seconds().max(0) as u64,
         }))
     }
+}
+
+/// Make `batch` durable off the runtime; its `room` in the agent's budget
+/// is given back once it is.
+fn spawn_ingest(
+    ctx: &Arc<Ctx>,
+    site: &str,
+    batch: Vec<ingest::Incoming>,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> tokio::task::JoinHandle<Result<Vec<Vec<u8>>, ServiceError>> {
+    let (site, ctx) = (site.to_string(), ctx.clone());
+    tokio::spawn(async move {
+        let r = ctx.blocking(move |c| ingest::ingest(c, &site, batch)).await;
+        drop(room);
+        r
+    })
 }
 
 /// Wait for one batch's ingestion and send its acknowledgement (or its
