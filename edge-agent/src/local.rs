@@ -17,6 +17,8 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender};
 
 use anyhow::{Context, Result};
 use repo_format::blob::{BlobKind, Sealer};
@@ -126,58 +128,184 @@ pub struct Taken {
 /// snapshot of each source; store those found in the spool and remove them
 /// from `need`. Files that cannot be read are skipped (the chunks are then
 /// pulled); only a failure to store in the spool is an error.
-pub fn take_from_files(repo: &Repository, acked: &Acked, need: &Needed) -> Result<Taken> {
-    let mut taken = Taken::default();
+///
+/// One thread walks the trees and hands files that list a needed chunk to a
+/// worker per core, which re-chunks, hashes and seals (sealing is the cost:
+/// zstd, as the backup does, since sealing must stay deterministic).
+pub fn take_from_files(repo: &Repository, acked: &Acked, need: &mut Needed) -> Result<Taken> {
     if need.is_empty()? {
-        return Ok(taken);
+        return Ok(Taken::default());
     }
     let content = repo.keys().content()?;
     let setup = ChunkerSetup::new(repo.config().chunker, content.gear_seed());
-    let mut out = SpoolWriter::new(repo, acked);
-    let mut sealer = Sealer::new(repo.config().zstd_level)?;
-    let mut buf = Vec::new();
-    for (paths, root) in latest_per_source(repo)? {
-        let mut stack: Vec<(Id, Option<PathBuf>)> = vec![(root, None)];
-        while let Some((tree, dir)) = stack.pop() {
-            let entries = match repo.read_tree(&tree) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::debug!("local reuse: tree {tree} unreadable in the spool: {e}");
-                    continue;
-                }
-            };
-            for e in entries {
-                let Some(path) = entry_path(&paths, dir.as_deref(), &e) else {
-                    continue;
-                };
-                match (e.kind, e.subtree) {
-                    (EntryKind::Dir, Some(sub)) => stack.push((sub, Some(path))),
-                    (EntryKind::File, _) if !e.chunks.is_empty() => {
-                        let want = need.count_of(&e.chunks)?;
-                        if want == 0 {
-                            continue;
-                        }
-                        taken.files += 1;
-                        let mut ctx = FileRead {
-                            setup: &setup,
-                            need,
-                            sealer: &mut sealer,
-                            out: &mut out,
-                            taken: &mut taken,
-                        };
-                        buf = ctx.read(&path, want, buf)?;
-                        if need.is_empty()? {
-                            out.finish()?;
-                            return Ok(taken);
-                        }
+    let shared = Shared {
+        setup: &setup,
+        need: Mutex::new(need),
+        out: Mutex::new(SpoolWriter::new(repo, acked)),
+        taken: Mutex::new(Taken::default()),
+        failed: Mutex::new(None),
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(PathBuf, usize)>(threads * 2);
+    let rx = Mutex::new(rx);
+    let walked = std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| shared.work(&rx, repo.config().zstd_level));
+        }
+        let walked = shared.walk(repo, &tx);
+        drop(tx);
+        walked
+    });
+    if let Some(e) = lock(&shared.failed)?.take() {
+        return Err(e);
+    }
+    walked?;
+    shared.out.into_inner().map_err(|_| poisoned())?.finish()?;
+    let taken = *lock(&shared.taken)?;
+    Ok(taken)
+}
+
+fn poisoned() -> anyhow::Error {
+    anyhow::anyhow!("a local-reuse worker panicked")
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    m.lock().map_err(|_| poisoned())
+}
+
+/// What the walker and the workers of [`take_from_files`] share.
+struct Shared<'a, 'r> {
+    setup: &'a ChunkerSetup,
+    need: Mutex<&'a mut Needed>,
+    out: Mutex<SpoolWriter<'r>>,
+    taken: Mutex<Taken>,
+    /// The first worker error; the others then only drain the queue.
+    failed: Mutex<Option<anyhow::Error>>,
+}
+
+impl Shared<'_, '_> {
+    /// Walk the latest snapshot of each source, queueing files that list a
+    /// needed chunk, until nothing is needed or a worker failed.
+    fn walk(&self, repo: &Repository, tx: &SyncSender<(PathBuf, usize)>) -> Result<()> {
+        for (paths, root) in latest_per_source(repo)? {
+            let mut stack: Vec<(Id, Option<PathBuf>)> = vec![(root, None)];
+            while let Some((tree, dir)) = stack.pop() {
+                let entries = match repo.read_tree(&tree) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::debug!("local reuse: tree {tree} unreadable in the spool: {e}");
+                        continue;
                     }
-                    _ => {}
+                };
+                for e in entries {
+                    let Some(path) = entry_path(&paths, dir.as_deref(), &e) else {
+                        continue;
+                    };
+                    match (e.kind, e.subtree) {
+                        (EntryKind::Dir, Some(sub)) => stack.push((sub, Some(path))),
+                        (EntryKind::File, _) if !e.chunks.is_empty() => {
+                            let want = {
+                                let need = lock(&self.need)?;
+                                if need.is_empty()? {
+                                    return Ok(());
+                                }
+                                need.count_of(&e.chunks)?
+                            };
+                            if want == 0 {
+                                continue;
+                            }
+                            if lock(&self.failed)?.is_some() || tx.send((path, want)).is_err() {
+                                return Ok(());
+                            }
+                        }
+                        _ => {}
+                    }
                 }
             }
         }
+        Ok(())
     }
-    out.finish()?;
-    Ok(taken)
+
+    /// A worker: take files off the queue until it closes.
+    fn work(&self, rx: &Mutex<Receiver<(PathBuf, usize)>>, level: i32) {
+        let mut sealer = match Sealer::new(level) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.fail(e.into());
+                None
+            }
+        };
+        let mut buf = Vec::new();
+        loop {
+            let job = match rx.lock() {
+                Ok(r) => r.recv(),
+                Err(_) => return,
+            };
+            let Ok((path, want)) = job else { return };
+            let Some(sealer) = sealer.as_mut() else {
+                continue; // failed: drain
+            };
+            match self.read(sealer, &path, want, std::mem::take(&mut buf)) {
+                Ok(b) => buf = b,
+                Err(e) => self.fail(e),
+            }
+        }
+    }
+
+    fn fail(&self, e: anyhow::Error) {
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert(e);
+        }
+    }
+
+    /// Chunk `path`, storing needed chunks, until `want` of them were found
+    /// or the file ends. Returns the read buffer for the next file.
+    fn read(
+        &self,
+        sealer: &mut Sealer,
+        path: &Path,
+        mut want: usize,
+        buf: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let file = match File::options()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => f,
+            Ok(_) => return Ok(buf),
+            Err(e) => {
+                tracing::debug!("local reuse: {} unreadable: {e}", path.display());
+                return Ok(buf);
+            }
+        };
+        let keys = lock(&self.out)?.repo.keyset(BlobKind::Data)?;
+        lock(&self.taken)?.files += 1;
+        let mut ch = Chunker::new(file, self.setup, buf);
+        while want > 0 {
+            let chunk = match ch.next_chunk() {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!("local reuse: reading {}: {e}", path.display());
+                    break;
+                }
+            };
+            let id = keys.id_of(&chunk);
+            if !lock(&self.need)?.take(&id)? {
+                continue;
+            }
+            want -= 1;
+            let sealed = sealer
+                .seal_verified(keys, BlobKind::Data, &id, &chunk)
+                .with_context(|| format!("sealing chunk {id} of {}", path.display()))?;
+            lock(&self.out)?.add(id, &sealed, chunk.len() as u32)?;
+            let mut t = lock(&self.taken)?;
+            t.chunks += 1;
+            t.bytes += chunk.len() as u64;
+        }
+        Ok(ch.into_buffer())
+    }
 }
 
 /// A source's backed-up paths by the name of their root-tree entry.
@@ -223,59 +351,6 @@ fn entry_path(paths: &HashMap<Vec<u8>, PathBuf>, dir: Option<&Path>, e: &Entry) 
     match dir {
         None => paths.get(n).cloned(),
         Some(d) => Some(d.join(OsStr::from_bytes(n))),
-    }
-}
-
-/// Re-chunking one live file.
-struct FileRead<'a, 'r> {
-    setup: &'a ChunkerSetup,
-    need: &'a Needed,
-    sealer: &'a mut Sealer,
-    out: &'a mut SpoolWriter<'r>,
-    taken: &'a mut Taken,
-}
-
-impl FileRead<'_, '_> {
-    /// Chunk `path`, storing needed chunks, until `want` of them were found
-    /// or the file ends. Returns the read buffer for the next file.
-    fn read(&mut self, path: &Path, mut want: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
-        let file = match File::options()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)
-        {
-            Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => f,
-            Ok(_) => return Ok(buf),
-            Err(e) => {
-                tracing::debug!("local reuse: {} unreadable: {e}", path.display());
-                return Ok(buf);
-            }
-        };
-        let keys = self.out.repo.keyset(BlobKind::Data)?;
-        let mut ch = Chunker::new(file, self.setup, buf);
-        while want > 0 {
-            let chunk = match ch.next_chunk() {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!("local reuse: reading {}: {e}", path.display());
-                    break;
-                }
-            };
-            let id = keys.id_of(&chunk);
-            if !self.need.take(&id)? {
-                continue;
-            }
-            want -= 1;
-            let sealed = self
-                .sealer
-                .seal_verified(keys, BlobKind::Data, &id, &chunk)
-                .with_context(|| format!("sealing chunk {id} of {}", path.display()))?;
-            self.out.add(id, &sealed, chunk.len() as u32)?;
-            self.taken.chunks += 1;
-            self.taken.bytes += chunk.len() as u64;
-        }
-        Ok(ch.into_buffer())
     }
 }
 

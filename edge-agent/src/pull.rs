@@ -164,7 +164,7 @@ pub async fn pull_tree(
     let r = repo.clone();
     let a = acked.clone();
     let (n, local) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let t = crate::local::take_from_files(&r, &a, &need)?;
+        let t = crate::local::take_from_files(&r, &a, &mut need)?;
         Ok((need, t))
     })
     .await??;
