@@ -38,6 +38,14 @@ impl AlignedBuf {
         AlignedBuf { mem, start, len }
     }
 
+    /// Make `buf` at least `len` bytes long (a new zeroed buffer when it
+    /// is shorter; its contents are not kept).
+    pub fn ensure(buf: &mut AlignedBuf, len: usize) {
+        if buf.len < len {
+            *buf = AlignedBuf::new(len, 0);
+        }
+    }
+
     /// True when the buffer's start is aligned for direct writes.
     pub fn is_aligned(&self) -> bool {
         (self.mem.as_ptr() as usize + self.start).is_multiple_of(ALIGN)
@@ -68,14 +76,23 @@ impl AlignedBuf {
 /// when `direct` is asked and the platform and file system accept it at
 /// open (tmpfs refuses it there). Returns the file and whether it is direct.
 pub fn create_new(path: &Path, direct: bool) -> std::io::Result<(File, bool)> {
-    let open = |flags: i32| {
+    open_with(direct, |flags| {
         File::options()
             .read(true)
             .write(true)
             .create_new(true)
             .custom_flags(flags)
             .open(path)
-    };
+    })
+}
+
+/// `open(O_DIRECT)` when `direct` is asked and the platform has it, falling
+/// back to `open(0)` when the file system refuses it at open; returns the
+/// file and whether it is direct.
+fn open_with(
+    direct: bool,
+    open: impl Fn(i32) -> std::io::Result<File>,
+) -> std::io::Result<(File, bool)> {
     let direct = direct && crate::fsutil::direct_flag() != 0;
     if !direct {
         return open(0).map(|f| (f, false));
@@ -110,16 +127,9 @@ pub fn write_all_at(
 /// Open `path` for reading, with `O_DIRECT` when `direct` is asked and the
 /// file system accepts it at open. Returns the file and whether it is direct.
 pub fn open_read(path: &Path, direct: bool) -> std::io::Result<(File, bool)> {
-    let open = |flags: i32| File::options().read(true).custom_flags(flags).open(path);
-    let direct = direct && crate::fsutil::direct_flag() != 0;
-    if !direct {
-        return open(0).map(|f| (f, false));
-    }
-    match open(crate::fsutil::direct_flag()) {
-        Ok(f) => Ok((f, true)),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => open(0).map(|f| (f, false)),
-        Err(e) => Err(e),
-    }
+    open_with(direct, |flags| {
+        File::options().read(true).custom_flags(flags).open(path)
+    })
 }
 
 /// Read into `buf` from `offset` until it is full or the file ends; returns

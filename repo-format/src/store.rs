@@ -52,9 +52,7 @@ pub trait PackStore: Send + Sync {
         len: usize,
         buf: &'b mut AlignedBuf,
     ) -> Result<&'b [u8]> {
-        if buf.len() < len {
-            *buf = AlignedBuf::new(len, 0);
-        }
+        AlignedBuf::ensure(buf, len);
         let out = &mut buf.as_mut_slice()[..len];
         self.read_at(name, offset, out)?;
         Ok(out)

@@ -115,9 +115,7 @@ impl PackStore for DirStore {
         let start = offset - offset % ALIGN as u64;
         let end = (offset + len as u64).next_multiple_of(ALIGN as u64);
         let want = (end - start) as usize;
-        if buf.len() < want {
-            *buf = AlignedBuf::new(want, 0);
-        }
+        AlignedBuf::ensure(buf, want);
         let p = self.path_of(name);
         // Its own descriptor: the cached handles are buffered, and an
         // upload opens each pack a few times (one per span), not per blob.
