@@ -140,6 +140,7 @@ pub fn take_from_files(repo: &Repository, acked: &Acked, need: &mut Needed) -> R
     let setup = ChunkerSetup::new(repo.config().chunker, content.gear_seed());
     let shared = Shared {
         setup: &setup,
+        keys: content,
         need: Mutex::new(need),
         out: Mutex::new(SpoolWriter::new(repo, acked)),
         taken: Mutex::new(Taken::default()),
@@ -176,6 +177,8 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
 /// What the walker and the workers of [`take_from_files`] share.
 struct Shared<'a, 'r> {
     setup: &'a ChunkerSetup,
+    /// The content keys: chunk ids and sealing.
+    keys: &'a repo_format::crypto::KeySet,
     need: Mutex<&'a mut Needed>,
     out: Mutex<SpoolWriter<'r>>,
     taken: Mutex<Taken>,
@@ -279,7 +282,7 @@ impl Shared<'_, '_> {
                 return Ok(buf);
             }
         };
-        let keys = lock(&self.out)?.repo.keyset(BlobKind::Data)?;
+        let keys = self.keys;
         lock(&self.taken)?.files += 1;
         let mut ch = Chunker::new(file, self.setup, buf);
         while want > 0 {
