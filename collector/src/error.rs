@@ -69,7 +69,12 @@ impl From<ServiceError> for Status {
         let msg = e.to_string();
         match e {
             ServiceError::Invalid(_) => Status::invalid_argument(msg),
-            ServiceError::Protocol(_) => Status::failed_precondition(msg),
+            // Another protocol version: the caller must upgrade. Any other
+            // field that breaks the protocol is a malformed request.
+            ServiceError::Protocol(proto::convert::ConvertError::Protocol(_)) => {
+                Status::failed_precondition(msg)
+            }
+            ServiceError::Protocol(_) => Status::invalid_argument(msg),
             ServiceError::Unauthenticated(_) => Status::unauthenticated(msg),
             ServiceError::Denied(_) => Status::permission_denied(msg),
             ServiceError::NotFound(_) => Status::not_found(msg),

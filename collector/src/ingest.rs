@@ -15,7 +15,7 @@
 
 use std::collections::HashSet;
 
-use proto::limits::MAX_UPLOAD_BLOB;
+use proto::limits::{MAX_BLOBS_PER_UPLOAD, MAX_UPLOAD_BLOB};
 use repo_format::Id;
 use repo_format::blob::{self, BlobKind};
 use repo_format::consts::MAX_BLOB_PLAINTEXT;
@@ -36,18 +36,28 @@ pub struct Incoming {
     pub raw_len: u32,
 }
 
-/// Validate one upload message.
-pub fn validate(m: proto::pb::UploadRequest) -> Result<Incoming, ServiceError> {
+/// Validate one upload message: its version, then each blob in it.
+pub fn validate(m: proto::pb::UploadRequest) -> Result<Vec<Incoming>, ServiceError> {
     proto::convert::protocol(m.protocol)?;
-    let kind = proto::convert::kind(m.kind)?;
-    let id = proto::convert::id("id", &m.id)?;
-    if m.sealed.len() > MAX_UPLOAD_BLOB || m.sealed.len() < 17 {
+    if m.blobs.is_empty() || m.blobs.len() > MAX_BLOBS_PER_UPLOAD {
         return Err(ServiceError::Invalid(format!(
-            "blob {id}: sealed length {} outside 17..={MAX_UPLOAD_BLOB}",
-            m.sealed.len()
+            "upload message with {} blobs; 1..={MAX_BLOBS_PER_UPLOAD} per message",
+            m.blobs.len()
         )));
     }
-    if m.raw_length as usize > MAX_BLOB_PLAINTEXT {
+    m.blobs.into_iter().map(validate_blob).collect()
+}
+
+fn validate_blob(b: proto::pb::UploadBlob) -> Result<Incoming, ServiceError> {
+    let kind = proto::convert::kind(b.kind)?;
+    let id = proto::convert::id("id", &b.id)?;
+    if b.sealed.len() > MAX_UPLOAD_BLOB || b.sealed.len() < 17 {
+        return Err(ServiceError::Invalid(format!(
+            "blob {id}: sealed length {} outside 17..={MAX_UPLOAD_BLOB}",
+            b.sealed.len()
+        )));
+    }
+    if b.raw_length as usize > MAX_BLOB_PLAINTEXT {
         return Err(ServiceError::Invalid(format!(
             "blob {id}: plaintext length over the limit"
         )));
@@ -55,8 +65,8 @@ pub fn validate(m: proto::pb::UploadRequest) -> Result<Incoming, ServiceError> {
     Ok(Incoming {
         kind,
         id,
-        sealed: m.sealed,
-        raw_len: m.raw_length,
+        sealed: b.sealed,
+        raw_len: b.raw_length,
     })
 }
 

@@ -430,16 +430,18 @@ fn a_chunk_another_site_stored_is_compared_and_stored_once() {
             .expect("seal");
         pb::UploadRequest {
             protocol: PROTOCOL,
-            kind: 0,
-            id: id.0.to_vec(),
-            sealed,
-            raw_length: plain.len() as u32,
+            blobs: vec![pb::UploadBlob {
+                kind: 0,
+                id: id.0.to_vec(),
+                sealed,
+                raw_length: plain.len() as u32,
+            }],
         }
     };
     let same = msg(one);
     let mut tampered = msg(two);
-    let last = tampered.sealed.len() - 1;
-    tampered.sealed[last] ^= 1;
+    let last = tampered.blobs[0].sealed.len() - 1;
+    tampered.blobs[0].sealed[last] ^= 1;
     drop(spool);
 
     rt().block_on(async {
@@ -454,7 +456,7 @@ fn a_chunk_another_site_stored_is_compared_and_stored_once() {
             .expect("upload")
             .into_inner();
         let ack = acks.next().await.expect("an answer").expect("accepted");
-        assert_eq!(ack.ids, vec![same.id.clone()]);
+        assert_eq!(ack.ids, vec![same.blobs[0].id.clone()]);
 
         let status = match l.upload(tokio_stream::iter(vec![tampered])).await {
             Err(s) => s,
@@ -558,10 +560,12 @@ fn sites_are_isolated_and_commits_are_verified() {
         // An oversized message is cut off by the decoding limit, clearly.
         let big = pb::UploadRequest {
             protocol: PROTOCOL,
-            kind: 0,
-            id: vec![0; 32],
-            sealed: vec![0; 17 * 1024 * 1024],
-            raw_length: 1,
+            blobs: vec![pb::UploadBlob {
+                kind: 0,
+                id: vec![0; 32],
+                sealed: vec![0; 17 * 1024 * 1024],
+                raw_length: 1,
+            }],
         };
         let r = l.upload(tokio_stream::iter(vec![big])).await;
         let status = match r {
@@ -582,6 +586,38 @@ fn sites_are_isolated_and_commits_are_verified() {
             ),
             "{status:?}"
         );
+        // A message with no blob, and one whose second blob is malformed,
+        // are refused as invalid.
+        let empty = pb::UploadRequest {
+            protocol: PROTOCOL,
+            blobs: Vec::new(),
+        };
+        let bad = pb::UploadRequest {
+            protocol: PROTOCOL,
+            blobs: [32, 31]
+                .map(|len| pb::UploadBlob {
+                    kind: 0,
+                    id: vec![7; len],
+                    sealed: vec![7; 64],
+                    raw_length: 40,
+                })
+                .to_vec(),
+        };
+        for (what, m) in [("empty", empty), ("short id", bad)] {
+            let status = match l.upload(tokio_stream::iter(vec![m])).await {
+                Err(s) => s,
+                Ok(r) => {
+                    use tokio_stream::StreamExt;
+                    let mut s = r.into_inner();
+                    s.next().await.expect("an answer").expect_err(what)
+                }
+            };
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{what}: {status:?}"
+            );
+        }
     });
     let snaps: Vec<serde_json::Value> =
         serde_json::from_str(&c.ok(&["snapshots", "--site", "lyon", "--json"])).expect("json");
@@ -1439,14 +1475,21 @@ fn a_blob_sent_twice_in_one_stream_is_acknowledged_twice_and_stored_once() {
         let mut a = pb::agent_service_client::AgentServiceClient::new(ch);
         // Data blobs are opaque to the collector (content-blind): any sealed
         // bytes of a plausible length are stored as they are.
-        let blob = |n: u8| pb::UploadRequest {
-            protocol: PROTOCOL,
+        let blob = |n: u8| pb::UploadBlob {
             kind: 0,
             id: vec![n; 32],
             sealed: vec![n; 64],
             raw_length: 40,
         };
-        let sent = vec![blob(1), blob(2), blob(1), blob(1)];
+        let message = |blobs| pb::UploadRequest {
+            protocol: PROTOCOL,
+            blobs,
+        };
+        // Repeats within one message and across messages.
+        let sent = vec![
+            message(vec![blob(1), blob(2), blob(1)]),
+            message(vec![blob(1)]),
+        ];
         let resp = a
             .upload(tokio_stream::iter(sent))
             .await
@@ -1504,10 +1547,12 @@ fn one_agent_gets_a_bounded_number_of_upload_streams_and_bytes_in_flight() {
             tasks.push(tokio::spawn(async move {
                 let blobs = (0..10u8).map(move |i| pb::UploadRequest {
                     protocol: PROTOCOL,
-                    kind: 0,
-                    id: vec![s * 16 + i; 32],
-                    sealed: vec![i; 4 * 1024 * 1024],
-                    raw_length: 4 * 1024 * 1024 - 40,
+                    blobs: vec![pb::UploadBlob {
+                        kind: 0,
+                        id: vec![s * 16 + i; 32],
+                        sealed: vec![i; 4 * 1024 * 1024],
+                        raw_length: 4 * 1024 * 1024 - 40,
+                    }],
                 });
                 let resp = a
                     .upload(tokio_stream::iter(blobs))

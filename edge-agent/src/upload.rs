@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use proto::limits::{MAX_IDS_PER_REQUEST, PROTOCOL};
+use proto::limits::{MAX_BLOBS_PER_UPLOAD, MAX_IDS_PER_REQUEST, PROTOCOL};
 use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
 use repo_format::blob::BlobKind;
@@ -458,6 +458,45 @@ fn read_blob(
 /// Messages queued between the spool reader and the upload stream.
 const STREAM_QUEUE: usize = 8;
 
+/// Sealed bytes gathered into one upload message before it is sent. A
+/// message per blob cost more than the blob for small files (a channel
+/// hand-over, a gRPC frame, a decode and a budget check each, at both ends:
+/// a fifth of the agent's upload work on 200 000 files of 2 KiB).
+const MESSAGE_BYTES: usize = 1 << 20;
+
+/// The upload message being filled.
+#[derive(Default)]
+struct Message {
+    blobs: Vec<pb::UploadBlob>,
+    bytes: usize,
+}
+
+impl Message {
+    /// Add `blob`; returns the message to send when this one is full (the
+    /// blob then starts the next one).
+    fn add(&mut self, blob: pb::UploadBlob) -> Option<pb::UploadRequest> {
+        let full = !self.blobs.is_empty()
+            && (self.bytes + blob.sealed.len() > MESSAGE_BYTES
+                || self.blobs.len() >= MAX_BLOBS_PER_UPLOAD);
+        let out = if full { self.take() } else { None };
+        self.bytes += blob.sealed.len();
+        self.blobs.push(blob);
+        out
+    }
+
+    /// The message so far, if it holds any blob.
+    fn take(&mut self) -> Option<pb::UploadRequest> {
+        if self.blobs.is_empty() {
+            return None;
+        }
+        self.bytes = 0;
+        Some(pb::UploadRequest {
+            protocol: PROTOCOL,
+            blobs: std::mem::take(&mut self.blobs),
+        })
+    }
+}
+
 /// One upload stream, kept open across many batches of blobs so the link
 /// never drains between them: blobs are read from the spool off the runtime
 /// and queued (bounded); acknowledgements (durable at the collector) are
@@ -552,6 +591,7 @@ impl BlobStream {
             .unwrap_or_else(|| AlignedBuf::new(SPAN as usize + 2 * ALIGN, 0));
         let (n, bytes, span_buf) = tokio::task::spawn_blocking(move || -> Result<_> {
             let (mut n, mut bytes) = (0u64, 0u64);
+            let mut message = Message::default();
             let mut i = 0;
             while i < blobs.len() {
                 if ended.load(std::sync::atomic::Ordering::Acquire) {
@@ -616,19 +656,24 @@ impl BlobStream {
                         .fetch_add(sealed.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     bytes += sealed.len() as u64;
                     n += 1;
-                    let msg = pb::UploadRequest {
-                        protocol: PROTOCOL,
+                    let blob = pb::UploadBlob {
                         kind: kind as u32,
                         id: id.0.to_vec(),
                         sealed,
                         raw_length: loc.raw_length,
                     };
-                    if tx.blocking_send(msg).is_err() {
+                    if let Some(full) = message.add(blob)
+                        && tx.blocking_send(full).is_err()
+                    {
                         // The stream ended early: close() reports why.
                         return Ok((n, bytes, span_buf));
                     }
                 }
                 i = j;
+            }
+            // The window's last blobs go now, not with the next window's.
+            if let Some(last) = message.take() {
+                let _ = tx.blocking_send(last);
             }
             Ok((n, bytes, span_buf))
         })

@@ -13,12 +13,15 @@ pub mod pb {
 
 /// Protocol constants shared by the collector and the agents.
 pub mod limits {
-    /// The protocol version every request carries.
-    pub const PROTOCOL: u32 = 1;
+    /// The protocol version every request carries. 2: an upload message
+    /// carries many blobs.
+    pub const PROTOCOL: u32 = 2;
     /// Largest decoded gRPC message, in bytes.
     pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
     /// Largest sealed blob accepted in an upload, in bytes.
     pub const MAX_UPLOAD_BLOB: usize = MAX_MESSAGE - 1024;
+    /// Most blobs in one upload message.
+    pub const MAX_BLOBS_PER_UPLOAD: usize = 4096;
     /// Most ids in one MissingBlobs or ReadBlobs request.
     pub const MAX_IDS_PER_REQUEST: usize = 4096;
     /// Longest enrollment token validity, in seconds.

@@ -191,8 +191,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                             return;
                         }
                         match ingest::validate(m) {
-                            Ok(b) => {
-                                let n = b.sealed.len();
+                            Ok(blobs) => {
+                                let n = blobs.iter().map(|b| b.sealed.len()).sum();
                                 let permit = match budget.try_take(n) {
                                     Some(p) => p,
                                     None => {
@@ -223,7 +223,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                     None => room = Some(permit),
                                 }
                                 bytes += n;
-                                batch.push(b);
+                                batch.extend(blobs);
                             }
                             Err(e) => {
                                 let _ = tx.send(Err(e.into())).await;
