@@ -168,8 +168,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (tx, rx) = mpsc::channel(4);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            // Room taken in the agent's budget for `batch` (see `budget`).
-            let mut room: Option<tokio::sync::OwnedSemaphorePermit> = None;
+            // Room taken in the budgets for `batch` (see `budget`).
+            let mut room: Option<crate::budget::Room> = None;
             // Double-buffered: one batch is made durable (off the runtime)
             // while the next is received, so the link does not idle during
             // each pack's fsync. At most two batches per stream are alive;
@@ -196,8 +196,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                 let permit = match budget.try_take(n) {
                                     Some(p) => p,
                                     None => {
-                                        // Over the agent's budget: make what this
-                                        // stream holds durable, then wait for room.
+                                        // Over the agent's budget or the total:
+                                        // make what this stream holds durable,
+                                        // then wait for room.
                                         if let Some(prev) = ingesting.take()
                                             && !send_ack(&tx, prev).await
                                         {
@@ -398,13 +399,13 @@ impl pb::agent_service_server::AgentService for AgentSvc {
     }
 }
 
-/// Make `batch` durable off the runtime; its `room` in the agent's budget
-/// is given back once it is.
+/// Make `batch` durable off the runtime; its `room` in the budgets is
+/// given back once it is.
 fn spawn_ingest(
     ctx: &Arc<Ctx>,
     site: &str,
     batch: Vec<ingest::Incoming>,
-    room: Option<tokio::sync::OwnedSemaphorePermit>,
+    room: Option<crate::budget::Room>,
 ) -> tokio::task::JoinHandle<Result<Vec<Vec<u8>>, ServiceError>> {
     let (site, ctx) = (site.to_string(), ctx.clone());
     tokio::spawn(async move {
