@@ -391,9 +391,18 @@ fn a_cron_schedule_fires() {
 /// Downtime is simulated by moving the recorded last run three hours back
 /// (the agent's clock input), not by waiting: an hourly schedule then has
 /// three missed slots, and the agent must run once, not three times.
+///
+/// The hourly slot is put half an hour away from now: at "0 0 * * * *" a
+/// run near the top of the hour also met a real slot and counted two.
 #[test]
 fn runs_missed_while_down_run_once_on_start() {
-    let (c, _tmp, state, _id) = scheduled("0 0 * * * *");
+    let minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        / 60
+        % 60;
+    let (c, _tmp, state, _id) = scheduled(&format!("0 {} * * * *", (minute + 30) % 60));
     let mut agent = KillOnDrop(spawn_agent(&state));
     let history = state.join("history.db");
     let start = Instant::now();
