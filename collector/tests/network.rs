@@ -477,6 +477,115 @@ fn a_chunk_another_site_stored_is_compared_and_stored_once() {
     );
 }
 
+/// A tree an agent crafts and uploads itself (the tree blob is stored: the
+/// collector checks only that it opens to its id) cannot make a snapshot
+/// of a chunk its site does not hold: the commit refuses it, and accepts a
+/// tree whose chunk came in the same message.
+#[test]
+fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
+    let (c, tmp, paris, lyon) = paris_and_lyon();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("secret.txt"), b"paris only").expect("write");
+    assert!(agent_backup(&paris, &src).status.success());
+    let spool = open_spool(&paris);
+    let (_, snap) = spool.find_snapshot("latest").expect("snap");
+    let top = spool.read_tree(&snap.tree).expect("tree");
+    let files = spool
+        .read_tree(&top[0].subtree.expect("dir"))
+        .expect("tree");
+    let paris_chunk = files[0].chunks[0];
+    drop(spool);
+
+    // Lyon seals a chunk of its own and two one-file trees: one naming its
+    // chunk, one naming Paris's (which Lyon never uploaded).
+    let spool = open_spool(&lyon);
+    let keys = spool.keys();
+    let content = keys.content().expect("content key");
+    let mut sealer = repo_format::blob::Sealer::new(spool.config().zstd_level).expect("sealer");
+    let plain = b"lyon's own bytes".to_vec();
+    let own_chunk = content.id_of(&plain);
+    let chunk_blob = pb::UploadBlob {
+        kind: 0,
+        id: own_chunk.0.to_vec(),
+        sealed: sealer
+            .seal(
+                content,
+                repo_format::blob::BlobKind::Data,
+                &own_chunk,
+                &plain,
+            )
+            .expect("seal"),
+        raw_length: plain.len() as u32,
+    };
+    let mut tree_of = |chunk: repo_format::Id| {
+        let mut e =
+            repo_format::tree::Entry::new(b"f.txt".to_vec(), repo_format::tree::EntryKind::File);
+        e.mode = 0o644;
+        e.size = plain.len() as u64;
+        e.chunks = vec![chunk];
+        let body = repo_format::tree::encode(&[e]).expect("encode");
+        let id = keys.metadata.id_of(&body);
+        let sealed = sealer
+            .seal(
+                &keys.metadata,
+                repo_format::blob::BlobKind::Tree,
+                &id,
+                &body,
+            )
+            .expect("seal tree");
+        (
+            id,
+            pb::UploadBlob {
+                kind: 1,
+                id: id.0.to_vec(),
+                sealed,
+                raw_length: body.len() as u32,
+            },
+        )
+    };
+    let (good, good_blob) = tree_of(own_chunk);
+    let (bad, bad_blob) = tree_of(paris_chunk);
+    drop(spool);
+
+    rt().block_on(async {
+        use tokio_stream::StreamExt;
+        let ch = c.channel(Some((&lyon, "agent"))).await.expect("connects");
+        let mut l = pb::agent_service_client::AgentServiceClient::new(ch);
+        let sent = pb::UploadRequest {
+            protocol: PROTOCOL,
+            blobs: vec![chunk_blob, good_blob, bad_blob],
+        };
+        let acks: Vec<pb::UploadAck> = l
+            .upload(tokio_stream::iter(vec![sent]))
+            .await
+            .expect("upload")
+            .into_inner()
+            .map(|a| a.expect("ack"))
+            .collect()
+            .await;
+        let n: usize = acks.iter().map(|a| a.ids.len()).sum();
+        assert_eq!(n, 3, "all three stored and acknowledged");
+        let commit = |root: repo_format::Id, key: u8| {
+            let mut l = l.clone();
+            async move {
+                l.commit_snapshot(pb::CommitSnapshotRequest {
+                    protocol: PROTOCOL,
+                    idempotency_key: vec![key; 16],
+                    source: "x".into(),
+                    root_tree: root.0.to_vec(),
+                    ..Default::default()
+                })
+                .await
+            }
+        };
+        let e = commit(bad, 1).await.expect_err("a chunk Lyon lacks");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert!(e.message().contains("not uploaded by this site"), "{e:?}");
+        commit(good, 2).await.expect("Lyon's own tree commits");
+    });
+}
+
 #[test]
 fn sites_are_isolated_and_commits_are_verified() {
     let (c, tmp, paris, lyon) = paris_and_lyon();
