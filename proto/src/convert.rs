@@ -101,8 +101,12 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(protocol(1).is_ok());
-        assert_eq!(protocol(2), Err(ConvertError::Protocol(2)));
+        assert!(protocol(PROTOCOL).is_ok());
+        assert_eq!(protocol(1), Err(ConvertError::Protocol(1)));
+        assert_eq!(
+            protocol(PROTOCOL + 1),
+            Err(ConvertError::Protocol(PROTOCOL + 1))
+        );
         assert!(id("x", &[0; 32]).is_ok());
         assert!(id("x", &[0; 31]).is_err());
         assert!(ids("x", &vec![vec![0; 32]; MAX_IDS_PER_REQUEST + 1]).is_err());
