@@ -477,12 +477,17 @@ fn a_chunk_another_site_stored_is_compared_and_stored_once() {
     );
 }
 
-/// A tree an agent crafts and uploads itself (the tree blob is stored: the
-/// collector checks only that it opens to its id) cannot make a snapshot
-/// of a chunk its site does not hold: the commit refuses it, and accepts a
-/// tree whose chunk came in the same message.
-#[test]
-fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
+/// Paris and Lyon enrolled, and Paris's backup of one small file done;
+/// returns them with the snapshot's root tree and the file's chunk id
+/// (read from Paris's own spool).
+fn paris_backed_up_a_secret() -> (
+    Collector,
+    tempfile::TempDir,
+    PathBuf,
+    PathBuf,
+    repo_format::Id,
+    repo_format::Id,
+) {
     let (c, tmp, paris, lyon) = paris_and_lyon();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
@@ -494,8 +499,17 @@ fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
     let files = spool
         .read_tree(&top[0].subtree.expect("dir"))
         .expect("tree");
-    let paris_chunk = files[0].chunks[0];
-    drop(spool);
+    let chunk = files[0].chunks[0];
+    (c, tmp, paris, lyon, snap.tree, chunk)
+}
+
+/// A tree an agent crafts and uploads itself (the tree blob is stored: the
+/// collector checks only that it opens to its id) cannot make a snapshot
+/// of a chunk its site does not hold: the commit refuses it, and accepts a
+/// tree whose chunk came in the same message.
+#[test]
+fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
+    let (c, _tmp, _paris, lyon, _root, paris_chunk) = paris_backed_up_a_secret();
 
     // Lyon seals a chunk of its own and two one-file trees: one naming its
     // chunk, one naming Paris's (which Lyon never uploaded).
@@ -588,21 +602,7 @@ fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
 
 #[test]
 fn sites_are_isolated_and_commits_are_verified() {
-    let (c, tmp, paris, lyon) = paris_and_lyon();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    std::fs::write(src.join("secret.txt"), b"paris only").expect("write");
-    assert!(agent_backup(&paris, &src).status.success());
-
-    // Paris's blob ids, read from its own spool.
-    let spool = open_spool(&paris);
-    let (_, snap) = spool.find_snapshot("latest").expect("snap");
-    let tree = spool.read_tree(&snap.tree).expect("tree");
-    let file_tree = spool
-        .read_tree(&tree[0].subtree.expect("dir"))
-        .expect("tree");
-    let chunk = file_tree[0].chunks[0];
-    drop(spool);
+    let (c, _tmp, _paris, lyon, root, chunk) = paris_backed_up_a_secret();
     let unknown = repo_format::Id([0x5a; 32]);
 
     rt().block_on(async {
@@ -660,7 +660,7 @@ fn sites_are_isolated_and_commits_are_verified() {
                 protocol: PROTOCOL,
                 idempotency_key: vec![1; 16],
                 source: "x".into(),
-                root_tree: snap.tree.0.to_vec(),
+                root_tree: root.0.to_vec(),
                 ..Default::default()
             })
             .await
