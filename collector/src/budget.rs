@@ -94,7 +94,6 @@ impl Budgets {
             budgets: self.clone(),
             agent: agent.to_string(),
             bytes: a.bytes.clone(),
-            limit: self.agent_bytes.min(self.total_bytes),
         })
     }
 }
@@ -104,7 +103,6 @@ pub struct StreamBudget {
     budgets: Arc<Budgets>,
     agent: String,
     bytes: Arc<Semaphore>,
-    limit: usize,
 }
 
 /// Room for bytes received and not yet durable, in the agent's budget and
@@ -163,7 +161,8 @@ impl StreamBudget {
     /// Permits for `n` bytes (a message is at most `MAX_MESSAGE`, far below
     /// either budget; capped so that one never waits forever).
     fn permits(&self, n: usize) -> u32 {
-        n.min(self.limit) as u32
+        let b = &self.budgets;
+        n.min(b.agent_bytes.min(b.total_bytes)) as u32
     }
 }
 
