@@ -30,7 +30,8 @@ enum Command {
         /// State directory (created).
         #[arg(long)]
         state: PathBuf,
-        /// Argon2id memory in KiB for the local keyring (tests use a small value).
+        /// Argon2id memory in KiB for the local keyring (default: the least,
+        /// its passphrase being a generated random secret).
         #[arg(long, hide = true)]
         kdf_memory_kib: Option<u32>,
     },
@@ -90,7 +91,12 @@ fn main() -> Result<()> {
             state,
             kdf_memory_kib,
         } => {
-            let kdf = KdfParams::with_memory_kib(kdf_memory_kib);
+            // The spool's passphrase is a random secret made at enrollment:
+            // no stretching (see `KdfParams::for_random_secret`).
+            let kdf = match kdf_memory_kib {
+                None => KdfParams::for_random_secret(),
+                m => KdfParams::with_memory_kib(m),
+            };
             let cfg = rt.block_on(edge_agent::enroll::enroll(&collector, &token, &state, kdf))?;
             println!("enrolled as {} at site {}", cfg.agent_id, cfg.site);
             Ok(())

@@ -53,6 +53,20 @@ impl KdfParams {
             },
         }
     }
+
+    /// For a passphrase that is itself a random secret of at least 128 bits
+    /// (an agent's spool, whose passphrase is generated at enrollment and
+    /// kept beside it): no guess can succeed, so stretching protects
+    /// nothing. Argon2id's smallest cost (8 KiB, one pass) instead of the
+    /// defaults' 0.15-0.25 s, which every backup paid before anything else
+    /// could start.
+    pub fn for_random_secret() -> Self {
+        KdfParams {
+            m_cost_kib: 8,
+            t_cost: 1,
+            p_cost: 1,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -229,6 +243,20 @@ mod tests {
         assert_eq!(back.metadata.id_of(b"x"), keys.metadata.id_of(b"x"));
         assert!(matches!(
             read_keyring(&p, b"wrong"),
+            Err(Error::WrongPassphrase(_))
+        ));
+    }
+
+    /// Argon2 accepts the least cost, and it still tells a wrong secret.
+    #[test]
+    fn the_random_secret_parameters_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keyring");
+        let keys = Keys::generate().unwrap();
+        write_keyring(&p, &keys, b"0123abcd", KdfParams::for_random_secret()).unwrap();
+        assert!(read_keyring(&p, b"0123abcd").is_ok());
+        assert!(matches!(
+            read_keyring(&p, b"0123abce"),
             Err(Error::WrongPassphrase(_))
         ));
     }
