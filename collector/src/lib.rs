@@ -6,7 +6,7 @@
 //! - [`service::admin`]: what central IT calls through `hubvault`.
 //!
 //! Layout: [`pki`] (embedded CA), [`tls`] (rustls config with a swappable
-//! CRL-checking verifier), [`auth`] (caller identity and revocation on every
+//! CRL-checking verifier), [`conn`] (buffered reads under TLS), [`auth`] (caller identity and revocation on every
 //! call), [`state`] (SQLite: sites, agents, tokens, revocations), [`server`]
 //! (accept loop, TLS handshakes, tonic), [`error`] (one mapping to `Status`),
 //! [`policy`] (source and site policies: storage form, validation) and
@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod budget;
 pub mod commit;
+pub mod conn;
 pub mod error;
 pub mod ingest;
 pub mod init;

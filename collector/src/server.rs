@@ -17,6 +17,7 @@ use tonic::transport::Server;
 
 use crate::Ctx;
 use crate::auth::{Revoked, Want, interceptor};
+use crate::conn::BufferedTcp;
 use crate::error::ServiceError;
 use crate::pki::Pki;
 use crate::service::{admin::AdminSvc, agent::AgentSvc, enroll::EnrollSvc};
@@ -100,7 +101,12 @@ pub async fn run(
             tokio::spawn(async move {
                 let _permit = permit;
                 let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    acceptor.accept(BufferedTcp::new(tcp)),
+                )
+                .await
+                {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
                     }

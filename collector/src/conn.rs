@@ -1,0 +1,126 @@
+//! An accepted TCP connection read through a buffer, for rustls.
+//!
+//! rustls asks its transport for at most 4 KiB per read. Straight on a
+//! socket that is a `recv` system call per 4 KiB: an upload of 600 MB made
+//! 150 000 of them, and the collector spent a fifth of its CPU time in
+//! them. Reading through a 64 KiB buffer takes what the socket holds in one
+//! call and serves rustls's small reads from memory. Writes pass through.
+
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Bytes read from the socket at once.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// A TCP connection whose reads are buffered (see the module comment).
+pub struct BufferedTcp {
+    inner: BufReader<TcpStream>,
+}
+
+impl BufferedTcp {
+    /// Wrap an accepted connection.
+    pub fn new(tcp: TcpStream) -> Self {
+        BufferedTcp {
+            inner: BufReader::with_capacity(READ_AHEAD, tcp),
+        }
+    }
+}
+
+impl AsyncRead for BufferedTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BufferedTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The same connection information as a bare `TcpStream`'s, so that
+/// `Request::peer_certs` finds the client certificate behind TLS.
+impl Connected for BufferedTcp {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        let tcp = self.inner.get_ref();
+        TcpConnectInfo {
+            local_addr: tcp.local_addr().ok(),
+            remote_addr: tcp.peer_addr().ok(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Bytes written by the peer come out whole and in order through small
+    /// reads, and writes reach the peer.
+    #[tokio::test]
+    async fn reads_are_buffered_and_writes_pass_through() -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let peer = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await?;
+            s.write_all(&sent).await?;
+            let mut back = [0u8; 5];
+            s.read_exact(&mut back).await?;
+            Ok::<_, std::io::Error>(back)
+        });
+        let (tcp, _) = listener.accept().await?;
+        let mut conn = BufferedTcp::new(tcp);
+        assert_eq!(
+            conn.connect_info().remote_addr.map(|a| a.ip()),
+            Some(addr.ip())
+        );
+        let mut got = vec![0u8; data.len()];
+        for piece in got.chunks_mut(4096) {
+            conn.read_exact(piece).await?;
+        }
+        assert!(got == data);
+        conn.write_all(b"hello").await?;
+        conn.flush().await?;
+        let back = peer.await.map_err(std::io::Error::other)??;
+        assert_eq!(&back, b"hello");
+        Ok(())
+    }
+}
