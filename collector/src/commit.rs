@@ -67,42 +67,75 @@ pub fn commit(ctx: &Ctx, r: CommitRequest) -> Result<(Id, i64), ServiceError> {
     Ok((id, time_ns))
 }
 
+/// Chunks gathered (from as many trees as it takes) before they are
+/// checked together: sorted, a batch walks both B-trees in key order.
+const CHUNK_BATCH: usize = 16 * 1024;
+
 /// Check every tree and chunk below `root` for `site`; returns the trees checked.
 ///
-/// Each tree's chunks are checked in two batched reads (the site's holdings,
-/// then the catalog's kinds), not a lookup per chunk: a 200 000-file first
-/// backup lists as many chunks.
+/// Chunks are checked in batches across trees, not a lookup per chunk (a
+/// 200 000-file first backup lists as many): the site's holdings
+/// (state.db) and the catalog's kinds (catalog.db) are read at the same
+/// time on two threads, each batch in key order. On a 200 000-file first
+/// backup the agent waits idle for this check, so both cores are free.
 fn verify_tree(ctx: &Ctx, site: &str, root: &Id) -> Result<Vec<Vec<u8>>, ServiceError> {
     let mut checked = Vec::new();
     let mut stack = vec![*root];
+    // (chunk, the tree that lists it), for the error message.
+    let mut pending: Vec<(Id, Id)> = Vec::new();
     while let Some(t) = stack.pop() {
         if ctx.state.tree_verified(site, &t.0)? {
             continue;
         }
-        require(ctx, site, &[t], BlobKind::Tree, &t)?;
+        require(ctx, site, &[(t, t)], BlobKind::Tree)?;
         let entries = ctx.repo.read_tree(&t)?;
-        let mut chunks = Vec::new();
         for e in entries {
             if let Some(s) = e.subtree {
                 stack.push(s);
             }
-            chunks.extend(e.chunks);
+            pending.extend(e.chunks.into_iter().map(|c| (c, t)));
         }
-        chunks.sort_unstable();
-        chunks.dedup();
-        require(ctx, site, &chunks, BlobKind::Data, &t)?;
+        if pending.len() >= CHUNK_BATCH {
+            require(ctx, site, &sorted(&mut pending), BlobKind::Data)?;
+        }
         checked.push(t.0.to_vec());
     }
+    require(ctx, site, &sorted(&mut pending), BlobKind::Data)?;
     Ok(checked)
 }
 
-/// Every one of `ids` (listed by tree `of`) is a catalogued blob of `kind`
-/// held by `site`.
-fn require(ctx: &Ctx, site: &str, ids: &[Id], kind: BlobKind, of: &Id) -> Result<(), ServiceError> {
-    let raw: Vec<Vec<u8>> = ids.iter().map(|c| c.0.to_vec()).collect();
-    let held = ctx.state.site_has(site, &raw)?;
-    let kinds = ctx.repo.catalog()?.kinds(ids)?;
-    for ((id, held), k) in ids.iter().zip(held).zip(kinds) {
+/// `pending` sorted by chunk id, each chunk once.
+fn sorted(pending: &mut Vec<(Id, Id)>) -> Vec<(Id, Id)> {
+    pending.sort_unstable_by_key(|a| a.0);
+    pending.dedup_by(|a, b| a.0 == b.0);
+    std::mem::take(pending)
+}
+
+/// Every blob of `ids` (each with the tree that lists it; a tree lists
+/// itself) is a catalogued blob of `kind` held by `site`.
+fn require(ctx: &Ctx, site: &str, ids: &[(Id, Id)], kind: BlobKind) -> Result<(), ServiceError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let blobs: Vec<Id> = ids.iter().map(|(id, _)| *id).collect();
+    let raw: Vec<Vec<u8>> = blobs.iter().map(|c| c.0.to_vec()).collect();
+    let kinds_of = || -> Result<Vec<Option<BlobKind>>, ServiceError> {
+        Ok(ctx.repo.catalog()?.kinds(&blobs)?)
+    };
+    let (held, kinds) = if ids.len() > 1 {
+        std::thread::scope(|s| {
+            let kinds = s.spawn(kinds_of);
+            let held = ctx.state.site_has(site, &raw);
+            let kinds = kinds
+                .join()
+                .map_err(|_| ServiceError::Internal("the catalog lookup thread panicked".into()));
+            (held, kinds)
+        })
+    } else {
+        (ctx.state.site_has(site, &raw), Ok(kinds_of()))
+    };
+    let (held, kinds) = (held?, kinds??);
+    for (((id, of), held), k) in ids.iter().zip(held).zip(kinds) {
         let whose = if id == of {
             format!("tree {id}")
         } else {
