@@ -134,13 +134,19 @@ pub async fn run_with(
         std::sync::atomic::Ordering::Relaxed,
     );
     let early = early.finish().await;
-    let mut report = crate::upload::upload_snapshot(
+    // Once the collector holds every blob (acknowledged: durable there), the
+    // spool need not keep their data packs: trimmed while the collector
+    // checks the commit, which does not read the spool. A failed commit is
+    // retried from the same acknowledged set, so it needs none of them.
+    let (r, a) = (repo.clone(), acked.clone());
+    let (mut report, trimmed) = crate::upload::upload_snapshot(
         client,
         repo.clone(),
         acked.clone(),
         out.id,
         &spec.source,
         &upload,
+        move || crate::trim::trim(&r, &a),
     )
     .await
     .context("upload to the collector failed; it resumes where it stopped")?;
@@ -148,8 +154,6 @@ pub async fn run_with(
     report.sent += early.sent;
     report.bytes_sent += early.bytes_sent;
     let upload = report;
-    // Committed: what the collector now holds need not stay in the spool.
-    let trimmed = tokio::task::spawn_blocking(move || crate::trim::trim(&repo, &acked)).await?;
     match trimmed {
         Ok(t) => tracing::debug!(packs = t.packs, bytes = t.bytes, "spool trimmed"),
         // Not fatal: the snapshot is committed; the next run trims again.

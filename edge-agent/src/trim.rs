@@ -104,7 +104,9 @@ pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
             tracing::debug!("spool pack {name} holds tree blobs: kept");
             continue;
         }
-        let ids: Vec<repo_format::Id> = entries.iter().map(|b| b.id).collect();
+        // In key order: the lookups then walk the B-tree's pages in order.
+        let mut ids: Vec<repo_format::Id> = entries.iter().map(|b| b.id).collect();
+        ids.sort_unstable();
         if !acked.contains_each(&ids)?.into_iter().all(|a| a) {
             continue;
         }

@@ -306,14 +306,19 @@ pub struct EarlyReport {
 }
 
 /// Upload snapshot `snap_id` of `repo` and commit it as `source`.
-pub async fn upload_snapshot(
+///
+/// `on_acked` runs once every blob is acknowledged, before the commit is
+/// sent: work that needs only the blobs durable (the spool's trim) overlaps
+/// the collector's check of the commit; its result is awaited after it.
+pub async fn upload_snapshot<T: Send + 'static>(
     client: &mut AgentServiceClient<Channel>,
     repo: Arc<Repository>,
     acked: Arc<Acked>,
     snap_id: Id,
     source: &str,
     control: &UploadControl,
-) -> Result<UploadReport> {
+    on_acked: impl FnOnce() -> T + Send + 'static,
+) -> Result<(UploadReport, T)> {
     let (_, snap) = repo.find_snapshot(&snap_id.to_hex())?;
     let mut report = UploadReport::default();
     let mut walk = PendingWalk::new(snap.tree);
@@ -343,6 +348,7 @@ pub async fn upload_snapshot(
         report.bytes_sent += bytes;
     }
 
+    let side = tokio::task::spawn_blocking(on_acked);
     let resp = client
         .commit_snapshot(pb::CommitSnapshotRequest {
             protocol: PROTOCOL,
@@ -355,11 +361,12 @@ pub async fn upload_snapshot(
             issues_json: serde_json::to_string(&snap.issues)?,
         })
         .await
-        .context("committing the snapshot")?
-        .into_inner();
+        .context("committing the snapshot");
+    let side = side.await?;
+    let resp = resp?.into_inner();
     report.snapshot = Id::from_slice(&resp.snapshot_id);
     report.time_ns = resp.time_ns;
-    Ok(report)
+    Ok((report, side))
 }
 
 /// Ask which of `pending` the site lacks, record the rest as acknowledged,
@@ -659,7 +666,7 @@ impl BlobStream {
                     let blob = pb::UploadBlob {
                         kind: kind as u32,
                         id: id.0.to_vec(),
-                        sealed,
+                        sealed: sealed.into(),
                         raw_length: loc.raw_length,
                     };
                     if let Some(full) = message.add(blob)

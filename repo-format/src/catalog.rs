@@ -366,9 +366,13 @@ impl Catalog {
                 let mut st = tx
                     .prepare_cached(FORGET_BLOB_SQL)
                     .map_err(|e| Error::catalog(what("preparing blob row removal"), e))?;
-                for e in entries {
-                    st.execute(params![&e.id.0[..], pack_id]).map_err(|err| {
-                        Error::catalog(what(&format!("removing the row of blob {}", e.id)), err)
+                // In key order: each delete then finds its page where the
+                // previous one left off, not at a random place in the B-tree.
+                let mut ids: Vec<Id> = entries.iter().map(|e| e.id).collect();
+                ids.sort_unstable();
+                for id in &ids {
+                    st.execute(params![&id.0[..], pack_id]).map_err(|err| {
+                        Error::catalog(what(&format!("removing the row of blob {id}")), err)
                     })?;
                 }
             }
