@@ -33,6 +33,10 @@ const MAX_HANDSHAKES: usize = 256;
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// HTTP/2 flow-control window (bytes): covers ~1 Gbit/s x 60 ms, or 100 Mbit/s x 600 ms.
 pub const WINDOW: u32 = 8 * 1024 * 1024;
+/// Largest HTTP/2 frame an agent may send. The protocol's default, 16 KiB,
+/// cut each 1 MiB upload message into 64 DATA frames, each with its own
+/// flow-control and framing work at both ends.
+pub const MAX_FRAME: u32 = 1 << 20;
 /// How often the CRL is re-signed (it is valid for `pki::CRL_TTL`).
 const CRL_REFRESH: Duration = Duration::from_secs(24 * 3600);
 
@@ -142,6 +146,7 @@ pub async fn run(
         // 150 ms RTT link at ~430 KB/s (PBS's round trip per chunk, by another name).
         .initial_stream_window_size(Some(WINDOW))
         .initial_connection_window_size(Some(2 * WINDOW))
+        .max_frame_size(Some(MAX_FRAME))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(tonic::service::interceptor::InterceptedService::new(
