@@ -840,6 +840,65 @@ fn backup_over_wan(mib: usize, rtt_ms: u64, rate: u64) -> (f64, u64, u64) {
     (secs, bytes, rate)
 }
 
+/// Restore `files` files of `size` bytes, backed up at a site on loopback,
+/// onto an agent of another site behind the WAN proxy; returns the job's
+/// wall time in seconds (files checked byte for byte).
+fn restore_over_wan(files: usize, size: usize, rtt_ms: u64, rate: u64) -> f64 {
+    use integration_tests::{compare, fixture, wan};
+    let c = Collector::start();
+    c.ok(&["site", "add", "near"]);
+    c.ok(&["site", "add", "far"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let near = enrolled(&c, "near", tmp.path());
+    let src = tmp.path().join("src");
+    fixture::build(&src, &fixture::bulk_tree(files, size, 23)).expect("fixture");
+    let o = agent_backup(&near, &src);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
+    let snap = snaps[0]["id"].as_str().expect("id").to_string();
+
+    let upstream: std::net::SocketAddr =
+        c.url.trim_start_matches("https://").parse().expect("addr");
+    let link = wan::Link {
+        delay: Duration::from_millis(rtt_ms / 2),
+        rate,
+    };
+    let proxy = wan::WanProxy::start(upstream, link).expect("proxy");
+    let far = tmp.path().join("agent-far");
+    let via = format!("https://{}", proxy.addr);
+    let o = Command::new(bin("hubvault-agent"))
+        .args([
+            "enroll",
+            "--collector",
+            &via,
+            "--token",
+            &c.token("far"),
+            "--state",
+        ])
+        .arg(&far)
+        .output()
+        .expect("enroll");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _agent = KillOnDrop(spawn_agent(&far));
+    let far_id = c.online_agent("far");
+    let target = tmp.path().join("restored");
+    let started = std::time::Instant::now();
+    c.restore_job(&snap, &far_id, &target);
+    let secs = started.elapsed().as_secs_f64();
+    compare::assert_same_tree(&src, &target.join("src"));
+    secs
+}
+
+#[test]
+#[ignore = "bench: prints a restore time, asserts nothing about speed"]
+fn wan_restore_bench() {
+    let secs = restore_over_wan(4000, 4096, 150, 12_500_000);
+    println!(
+        "WAN restore bench: 4000 files of 4 KiB onto an agent behind 150 ms RTT / 100 Mbit/s in {secs:.2} s"
+    );
+}
+
 #[test]
 fn backup_completes_over_a_150ms_rtt_link() {
     // 100 Mbit/s, 150 ms RTT, 16 MiB: mostly a correctness test of the WAN path.
