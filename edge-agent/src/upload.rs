@@ -666,7 +666,7 @@ impl BlobStream {
                     let blob = pb::UploadBlob {
                         kind: kind as u32,
                         id: id.0.to_vec(),
-                        sealed: sealed.into(),
+                        sealed,
                         raw_length: loc.raw_length,
                     };
                     if let Some(full) = message.add(blob)
