@@ -790,34 +790,28 @@ fn quickstart_runs_the_main_job_on_embedded_defaults() {
 
 /// Back up `mib` MiB of incompressible data through a WAN proxy; returns
 /// (upload seconds, sealed bytes sent, link rate in bytes/s).
-fn backup_over_wan(mib: usize, rtt_ms: u64, rate: u64) -> (f64, u64, u64) {
-    use integration_tests::{fixture, wan};
-    let c = Collector::start();
-    c.ok(&["site", "add", "far"]);
+/// An agent of `site` enrolled (state under `dir`) through a WAN proxy of
+/// `rtt_ms` and `rate` bytes/s in front of `c`; it keeps using the proxy.
+fn enrolled_behind_wan(
+    c: &Collector,
+    site: &str,
+    dir: &Path,
+    rtt_ms: u64,
+    rate: u64,
+) -> (integration_tests::wan::WanProxy, PathBuf) {
+    use integration_tests::wan;
     let upstream: std::net::SocketAddr =
         c.url.trim_start_matches("https://").parse().expect("addr");
-    let proxy = wan::WanProxy::start(
-        upstream,
-        wan::Link {
-            delay: Duration::from_millis(rtt_ms / 2),
-            rate,
-        },
-    )
-    .expect("proxy");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let state = tmp.path().join("agent");
+    let link = wan::Link {
+        delay: Duration::from_millis(rtt_ms / 2),
+        rate,
+    };
+    let proxy = wan::WanProxy::start(upstream, link).expect("proxy");
+    let state = dir.join(format!("agent-{site}"));
     let via = format!("https://{}", proxy.addr);
     let o = Command::new(bin("hubvault-agent"))
-        .args([
-            "enroll",
-            "--kdf-memory-kib",
-            "1024",
-            "--collector",
-            &via,
-            "--token",
-            &c.token("far"),
-            "--state",
-        ])
+        .args(["enroll", "--kdf-memory-kib", "1024", "--collector", &via])
+        .args(["--token", &c.token(site), "--state"])
         .arg(&state)
         .output()
         .expect("enroll");
@@ -826,6 +820,15 @@ fn backup_over_wan(mib: usize, rtt_ms: u64, rate: u64) -> (f64, u64, u64) {
         "enroll over the WAN: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    (proxy, state)
+}
+
+fn backup_over_wan(mib: usize, rtt_ms: u64, rate: u64) -> (f64, u64, u64) {
+    use integration_tests::fixture;
+    let c = Collector::start();
+    c.ok(&["site", "add", "far"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (_proxy, state) = enrolled_behind_wan(&c, "far", tmp.path(), rtt_ms, rate);
     let src = tmp.path().join("src");
     fixture::build(&src, &fixture::bulk_tree(mib / 4, 4 * 1024 * 1024, 11)).expect("fixture");
     let o = agent_backup(&state, &src);
@@ -844,7 +847,7 @@ fn backup_over_wan(mib: usize, rtt_ms: u64, rate: u64) -> (f64, u64, u64) {
 /// onto an agent of another site behind the WAN proxy; returns the job's
 /// wall time in seconds (files checked byte for byte).
 fn restore_over_wan(files: usize, size: usize, rtt_ms: u64, rate: u64) -> f64 {
-    use integration_tests::{compare, fixture, wan};
+    use integration_tests::{compare, fixture};
     let c = Collector::start();
     c.ok(&["site", "add", "near"]);
     c.ok(&["site", "add", "far"]);
@@ -858,32 +861,11 @@ fn restore_over_wan(files: usize, size: usize, rtt_ms: u64, rate: u64) -> f64 {
         serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
     let snap = snaps[0]["id"].as_str().expect("id").to_string();
 
-    let upstream: std::net::SocketAddr =
-        c.url.trim_start_matches("https://").parse().expect("addr");
-    let link = wan::Link {
-        delay: Duration::from_millis(rtt_ms / 2),
-        rate,
-    };
-    let proxy = wan::WanProxy::start(upstream, link).expect("proxy");
-    let far = tmp.path().join("agent-far");
-    let via = format!("https://{}", proxy.addr);
-    let o = Command::new(bin("hubvault-agent"))
-        .args([
-            "enroll",
-            "--collector",
-            &via,
-            "--token",
-            &c.token("far"),
-            "--state",
-        ])
-        .arg(&far)
-        .output()
-        .expect("enroll");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_proxy, far) = enrolled_behind_wan(&c, "far", tmp.path(), rtt_ms, rate);
     let _agent = KillOnDrop(spawn_agent(&far));
     let far_id = c.online_agent("far");
     let target = tmp.path().join("restored");
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     c.restore_job(&snap, &far_id, &target);
     let secs = started.elapsed().as_secs_f64();
     compare::assert_same_tree(&src, &target.join("src"));
