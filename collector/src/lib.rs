@@ -6,9 +6,10 @@
 //! - [`service::admin`]: what central IT calls through `hubvault`.
 //!
 //! Layout: [`pki`] (embedded CA), [`tls`] (rustls config with a swappable
-//! CRL-checking verifier), [`conn`] (buffered reads under TLS), [`auth`] (caller identity and revocation on every
-//! call), [`state`] (SQLite: sites, agents, tokens, revocations), [`server`]
-//! (accept loop, TLS handshakes, tonic), [`error`] (one mapping to `Status`),
+//! CRL-checking verifier), [`conn`] (buffered reads under TLS), [`auth`]
+//! (caller identity and revocation on every call), [`state`] (SQLite:
+//! sites, agents, tokens, revocations), [`server`] (accept loop, TLS
+//! handshakes, tonic), [`error`] (one mapping to `Status`),
 //! [`policy`] (source and site policies: storage form, validation) and
 //! [`retention`] (which snapshots `prune` keeps, pure).
 //!
