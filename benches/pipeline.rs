@@ -64,7 +64,6 @@ fn backup_opts(threads: usize) -> BackupOptions {
         excludes: Vec::new(),
         dirty: None,
         on_pack: None,
-        stored_elsewhere: None,
     }
 }
 

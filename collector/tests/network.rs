@@ -1545,6 +1545,26 @@ fn uploaded_data_leaves_the_spool_and_restores_still_work() {
         spool < 1024 * 1024,
         "only trees stay in the spool once uploaded: {spool} bytes"
     );
+    // Each data pack went whole, was marked uploaded and then dropped: its
+    // rows stay (a backup still finds its chunks), and the acknowledged set
+    // holds the trees alone, not a row per chunk.
+    {
+        let r = open_spool(&state);
+        let cat = r.catalog().expect("catalog");
+        let kept = cat
+            .packs_only_of(repo_format::blob::BlobKind::Data)
+            .expect("data packs");
+        assert!(kept.is_empty(), "data packs left: {kept:?}");
+        let blobs = cat.blob_count().expect("count");
+        let acked: u64 = rusqlite::Connection::open(state.join("acked.db"))
+            .expect("acked.db")
+            .query_row("SELECT count(*) FROM acked", [], |r| r.get(0))
+            .expect("count acked");
+        assert!(
+            blobs >= 8 && acked <= 3,
+            "{blobs} blobs catalogued, {acked} acknowledged one by one"
+        );
+    }
 
     // Append to one file: its unchanged chunks (dropped from the spool) are
     // neither stored nor sent again.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use proto::pb::agent_service_client::AgentServiceClient;
-use repo_format::backup::{BackupOptions, DirtySet, ParentChoice, StoredElsewhere};
+use repo_format::backup::{BackupOptions, DirtySet, ParentChoice};
 use repo_format::snapshot::Snapshot;
 use repo_format::{Id, Repository};
 use tonic::transport::Channel;
@@ -110,16 +110,14 @@ pub async fn run_with(
     // Upload each pack as the backup makes it durable (see EarlyUpload).
     let early = EarlyUpload::start(client.clone(), repo.clone(), acked.clone(), upload.clone());
     let on_pack = early.sink();
-    // Chunks whose spool packs were dropped after upload are not stored again.
-    let a = acked.clone();
-    let stored_elsewhere = StoredElsewhere(Arc::new(move |id| a.contains(id).unwrap_or(false)));
+    // Chunks whose spool packs were dropped after upload are not stored
+    // again: the catalog keeps their rows (see crate::trim).
     let out = tokio::task::spawn_blocking(move || {
         let opts = BackupOptions {
             excludes,
             dirty,
             parent,
             on_pack,
-            stored_elsewhere: Some(stored_elsewhere),
             ..Default::default()
         };
         repo_format::backup::backup(&r, &paths, &opts)

@@ -211,7 +211,7 @@ pub async fn pull_tree(
                 None if i + 1 == comps.len() => {
                     let r = repo.clone();
                     need = tokio::task::spawn_blocking(move || -> Result<_> {
-                        let missing = r.catalog()?.missing(&e.chunks)?;
+                        let missing = r.catalog()?.not_local(&e.chunks)?;
                         need.add(&missing)?;
                         Ok(need)
                     })
@@ -238,7 +238,7 @@ pub async fn pull_tree(
                 }
                 chunks.sort_unstable();
                 chunks.dedup();
-                let missing = r.catalog()?.missing(&chunks)?;
+                let missing = r.catalog()?.not_local(&chunks)?;
                 need.add(&missing)?;
             }
             subs.sort_unstable();
@@ -287,7 +287,7 @@ async fn ensure_trees(
 ) -> Result<u64> {
     let r = repo.clone();
     let want = trees.to_vec();
-    let missing = tokio::task::spawn_blocking(move || r.catalog()?.missing(&want)).await??;
+    let missing = tokio::task::spawn_blocking(move || r.catalog()?.not_local(&want)).await??;
     let n = missing.len() as u64;
     if !missing.is_empty() {
         fetch(client, repo, acked, job_id, missing).await?;

@@ -1,12 +1,16 @@
 //! Keeping the spool small: once the collector holds a data pack's every
-//! blob (all in the acknowledged set), the pack is dropped from the spool.
+//! blob (the upload marked the pack uploaded, or its blobs are all in the
+//! acknowledged set), the pack's file is deleted from the spool; its
+//! catalog rows stay, marked dropped ([`repo_format::catalog::PackState`]).
 //! Tree packs stay (the packer keeps trees and data in separate packs): the
 //! next backup reads its parent's trees, and the upload walks them.
 //!
 //! What a dropped chunk costs later:
-//! - backup: nothing. A chunk the spool's catalog lacks but the acknowledged
-//!   set has is recorded without being sealed or stored again
-//!   ([`repo_format::backup::StoredElsewhere`]), and never sent again;
+//! - backup: nothing. The catalog still lists it, so it is recorded without
+//!   being sealed or stored again, and the upload knows the collector holds
+//!   it. (Spools trimmed before schema 3 lost such rows: a chunk of theirs
+//!   that reappears is stored once more and the collector, asked, says it
+//!   holds it; nothing is sent);
 //! - restore jobs: it is re-read from the agent's own files where they
 //!   still hold it ([`crate::local`]), else pulled from the collector. What
 //!   a job brings into the spool is recorded as acknowledged (the job
@@ -26,6 +30,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use repo_format::Repository;
 use repo_format::blob::BlobKind;
+use repo_format::catalog::PackState;
 use repo_format::pack::reader::read_trailer;
 
 use crate::acked::Acked;
@@ -71,13 +76,15 @@ pub struct TrimReport {
     pub skipped: bool,
 }
 
-/// Drop every data pack of `repo` whose blobs are all acknowledged.
+/// Drop every data pack of `repo` the collector holds whole: those marked
+/// uploaded, and those whose blobs are all acknowledged.
 /// Blocking (SQLite, file removal): call from a blocking thread.
 ///
-/// What a pack holds is read from its trailer (the catalog has no index by
-/// pack); a pack whose trailer lists a tree blob is kept. When the trailer
-/// cannot be read, the catalog's rows of the pack (a full scan, rare) stand
-/// in for it, so a damaged data pack the collector holds still goes.
+/// For a pack not marked uploaded, what it holds is read from its trailer
+/// (the catalog has no index by pack); a pack whose trailer lists a tree
+/// blob is kept. When the trailer cannot be read, the catalog's rows of the
+/// pack (a full scan, rare) stand in for it, so a damaged data pack the
+/// collector holds still goes.
 pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
     let lock = open_lock(repo.root())?;
     if lock.try_lock().is_err() {
@@ -88,7 +95,11 @@ pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
     }
     let mut report = TrimReport::default();
     let packs = repo.catalog()?.packs_only_of(BlobKind::Data)?;
-    for name in packs {
+    for (name, state) in packs {
+        if state == PackState::Uploaded {
+            report.add(retire(repo, &name)?);
+            continue;
+        }
         let entries = match read_trailer(repo.store().as_ref(), &name, &repo.keys().metadata) {
             Ok(entries) => entries,
             Err(e) => {
@@ -110,11 +121,23 @@ pub fn trim(repo: &Repository, acked: &Acked) -> Result<TrimReport> {
         if !acked.contains_each(&ids)?.into_iter().all(|a| a) {
             continue;
         }
-        let size = repo.store().size(&name).unwrap_or(0);
-        repo.drop_pack(&name, &entries)
-            .with_context(|| format!("dropping spool pack {name}"))?;
-        report.packs += 1;
-        report.bytes += size;
+        report.add(retire(repo, &name)?);
     }
     Ok(report)
+}
+
+/// Delete spool pack `name`'s file, keeping its rows (marked dropped);
+/// returns its size.
+fn retire(repo: &Repository, name: &repo_format::Id) -> Result<u64> {
+    let size = repo.store().size(name).unwrap_or(0);
+    repo.retire_pack(name)
+        .with_context(|| format!("dropping spool pack {name}"))?;
+    Ok(size)
+}
+
+impl TrimReport {
+    fn add(&mut self, bytes: u64) {
+        self.packs += 1;
+        self.bytes += bytes;
+    }
 }

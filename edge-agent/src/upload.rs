@@ -9,20 +9,24 @@
 //! 3. Stream the lacking blobs' sealed bytes from the spool's packs, in that
 //!    order, on one stream kept open across windows; record each
 //!    acknowledgement (durable at the collector) locally, so a cut transfer
-//!    resumes without resending anything acknowledged.
+//!    resumes without resending anything acknowledged: a data pack sent
+//!    whole as the backup wrote it ([`EarlyUpload`]) is marked uploaded in
+//!    the spool's catalog once the collector holds its every blob (one row
+//!    per pack); anything else goes into the acknowledged set (a row per blob).
 //! 4. Commit, with the local snapshot id as idempotency key: a retried commit
 //!    returns the same collector snapshot.
 //!
 //! Blocking work (spool reads, SQLite) runs in `spawn_blocking`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use proto::limits::{MAX_BLOBS_PER_UPLOAD, MAX_IDS_PER_REQUEST, PROTOCOL};
 use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
 use repo_format::blob::BlobKind;
-use repo_format::catalog::BlobLocation;
+use repo_format::catalog::{BlobLocation, PackState};
 use repo_format::direct::{ALIGN, AlignedBuf};
 use repo_format::{Id, Repository};
 use tokio::sync::mpsc;
@@ -108,26 +112,23 @@ impl PendingWalk {
             if raw.is_empty() {
                 return Ok(raw); // the walk is done
             }
-            // Data blobs are checked against the acknowledged set in one
-            // batch (trees were, one by one, before their expansion). A
-            // window whose every blob was acknowledged is skipped: an empty
-            // window means the end of the walk.
-            let data: Vec<Id> = raw
-                .iter()
-                .filter(|b| b.kind == BlobKind::Data)
-                .map(|b| b.id)
-                .collect();
-            let mut done = acked.contains_each(&data)?.into_iter();
-            let (mut data, trees): (Vec<Outgoing>, Vec<Outgoing>) = raw
-                .into_iter()
-                .filter(|b| b.kind != BlobKind::Data || done.next() == Some(false))
-                .partition(|b| b.kind == BlobKind::Data);
+            // Data blobs are located in the spool in one batch: those in
+            // uploaded or dropped packs are held by the collector; the rest
+            // are checked against the acknowledged set in one batch (trees
+            // were, one by one, before their expansion). A window whose
+            // every blob is held is skipped: an empty window means the end
+            // of the walk.
+            let (mut data, trees): (Vec<Outgoing>, Vec<Outgoing>) =
+                raw.into_iter().partition(|b| b.kind == BlobKind::Data);
+            locate_unsent(repo, &mut data)?;
+            let ids: Vec<Id> = data.iter().map(|b| b.id).collect();
+            let mut done = acked.contains_each(&ids)?.into_iter();
+            data.retain(|_| done.next() == Some(false));
             if data.is_empty() && trees.is_empty() {
                 continue;
             }
             // Data first, in pack order, so the stream reads packs in long
             // spans; then the trees in walk order (after their subtrees).
-            locate(repo, &mut data)?;
             data.sort_by_key(|b| b.at.map(|l| (l.pack, l.offset)));
             data.extend(trees);
             return Ok(data);
@@ -171,17 +172,99 @@ impl PendingWalk {
     }
 }
 
-/// Fill in where the spool holds each of `blobs` (one read transaction);
-/// a blob it lacks keeps `None` and is decided when sent.
-fn locate(repo: &Repository, blobs: &mut [Outgoing]) -> Result<()> {
+/// Keep those of `blobs` whose spool pack is not known to be held by the
+/// collector (uploaded or dropped), filling in where the spool holds them
+/// (one read transaction); a blob the spool does not catalogue keeps `None`
+/// and is decided when sent.
+fn locate_unsent(repo: &Repository, blobs: &mut Vec<Outgoing>) -> Result<()> {
     let cat = repo.catalog()?;
     cat.begin_read()?;
-    let found: repo_format::Result<()> = blobs.iter_mut().try_for_each(|b| {
-        b.at = cat.lookup(&b.id)?;
-        Ok(())
+    let mut found: repo_format::Result<()> = Ok(());
+    blobs.retain_mut(|b| match cat.locate(&b.id) {
+        Ok(Some((loc, PackState::Local))) => {
+            b.at = Some(loc);
+            true
+        }
+        Ok(Some(_)) => false,
+        Ok(None) => true,
+        Err(e) => {
+            found = Err(e);
+            true
+        }
     });
     cat.end_read()?;
     Ok(found?)
+}
+
+/// Data packs an upload sends whole, each with the number of its blobs the
+/// collector is not yet known to hold. When that reaches zero the pack is
+/// marked [`PackState::Uploaded`] in the spool's catalog: one row for the
+/// pack instead of a row per blob in the acknowledged set. Bounded by the
+/// packs in flight.
+#[derive(Default, Clone)]
+struct PackTally(Arc<Mutex<HashMap<Id, usize>>>);
+
+impl PackTally {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Id, usize>>> {
+        self.0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("pack tally poisoned"))
+    }
+
+    /// Count `blobs` (the pack's every blob) for `pack`.
+    fn expect(&self, pack: Id, blobs: usize) -> Result<()> {
+        if blobs > 0 {
+            self.lock()?.insert(pack, blobs);
+        }
+        Ok(())
+    }
+
+    /// Of `held` (ids the collector holds, each with its spool pack where
+    /// known): the ids of packs not counted here, for the acknowledged set,
+    /// and the counted packs whose last blob this was.
+    fn settle(&self, held: impl IntoIterator<Item = (Id, Option<Id>)>) -> Result<Settled> {
+        let mut out = Settled::default();
+        let mut t = self.lock()?;
+        for (id, pack) in held {
+            let Some(pack) = pack else {
+                out.ids.push(id);
+                continue;
+            };
+            match t.get_mut(&pack) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    t.remove(&pack);
+                    out.packs.push(pack);
+                }
+                None => out.ids.push(id),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What [`PackTally::settle`] found.
+#[derive(Default)]
+struct Settled {
+    /// Ids to record in the acknowledged set.
+    ids: Vec<Id>,
+    /// Packs the collector now holds whole.
+    packs: Vec<Id>,
+}
+
+impl Settled {
+    /// Record it: blocking (SQLite), call off the runtime.
+    fn record(self, repo: &Repository, acked: &Acked) -> Result<()> {
+        if !self.ids.is_empty() {
+            acked.insert(&self.ids)?;
+        }
+        if !self.packs.is_empty() {
+            repo.catalog()?
+                .set_pack_state(&self.packs, PackState::Uploaded)
+                .context("marking uploaded spool packs")?;
+        }
+        Ok(())
+    }
 }
 
 /// Packs queued for [`EarlyUpload`] at most; a pack finished while the queue
@@ -196,7 +279,8 @@ const EARLY_QUEUE: usize = 4;
 /// was acknowledged" true whatever is cut when. Anything not sent early (a
 /// full queue, an error) is found by that walk: this is only a head start.
 pub struct EarlyUpload {
-    tx: Option<mpsc::Sender<Vec<Outgoing>>>,
+    /// A pack's data blobs, with the pack's name when they are all it holds.
+    tx: Option<mpsc::Sender<(Option<Id>, Vec<Outgoing>)>>,
     task: Option<tokio::task::JoinHandle<EarlyReport>>,
 }
 
@@ -208,21 +292,35 @@ impl EarlyUpload {
         acked: Arc<Acked>,
         control: UploadControl,
     ) -> EarlyUpload {
-        let (tx, mut rx) = mpsc::channel::<Vec<Outgoing>>(EARLY_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<(Option<Id>, Vec<Outgoing>)>(EARLY_QUEUE);
         let task = tokio::spawn(async move {
             let mut r = EarlyReport::default();
             let mut stream: Option<BlobStream> = None;
             let mut failed = false;
-            while let Some(blobs) = rx.recv().await {
+            let tally = PackTally::default();
+            while let Some((whole, blobs)) = rx.recv().await {
                 r.candidates += blobs.len() as u64;
                 if failed {
                     continue; // drain; the final walk sends these
+                }
+                if let Some(pack) = whole
+                    && let Err(e) = tally.expect(pack, blobs.len())
+                {
+                    tracing::debug!("early upload stopped: {e:#}");
+                    failed = true;
+                    continue;
                 }
                 let _permit = match &control.gate {
                     Some((g, priority)) => Some(g.acquire(*priority).await),
                     None => None,
                 };
-                let step = queue_lacking(&mut stream, &mut client, &repo, &acked, &blobs, &control);
+                let step = queue_lacking(
+                    &mut stream,
+                    &mut client,
+                    (&repo, &acked, &tally),
+                    &blobs,
+                    &control,
+                );
                 if let Err(e) = step.await {
                     // Not fatal here: the final upload retries and reports.
                     tracing::debug!("early upload stopped: {e:#}");
@@ -267,8 +365,9 @@ impl EarlyUpload {
                         }),
                     })
                     .collect();
+                let whole = (data.len() == entries.len()).then_some(pack);
                 if !data.is_empty() {
-                    let _ = tx.try_send(data);
+                    let _ = tx.try_send((whole, data));
                 }
             },
         )))
@@ -323,6 +422,8 @@ pub async fn upload_snapshot<T: Send + 'static>(
     let mut report = UploadReport::default();
     let mut walk = PendingWalk::new(snap.tree);
     let mut stream: Option<BlobStream> = None;
+    // Empty: the walk's blobs go into the acknowledged set one by one.
+    let tally = PackTally::default();
     loop {
         let (r, a) = (repo.clone(), acked.clone());
         let (w, window) = tokio::task::spawn_blocking(move || {
@@ -340,7 +441,14 @@ pub async fn upload_snapshot<T: Send + 'static>(
             Some((g, priority)) => Some(g.acquire(*priority).await),
             None => None,
         };
-        queue_lacking(&mut stream, client, &repo, &acked, &window, control).await?;
+        queue_lacking(
+            &mut stream,
+            client,
+            (&repo, &acked, &tally),
+            &window,
+            control,
+        )
+        .await?;
     }
     if let Some(s) = stream {
         let (sent, bytes) = s.close().await?;
@@ -369,11 +477,15 @@ pub async fn upload_snapshot<T: Send + 'static>(
     Ok((report, side))
 }
 
-/// Ask which of `pending` the site lacks, record the rest as acknowledged,
-/// and return the lacking ones in order.
+/// Where an upload records what the collector holds: the spool (packs
+/// marked uploaded), the acknowledged set, and the tally of packs sent whole.
+type Ledger<'a> = (&'a Arc<Repository>, &'a Arc<Acked>, &'a PackTally);
+
+/// Ask which of `pending` the site lacks, record the rest as held, and
+/// return the lacking ones in order.
 async fn lacking(
     client: &mut AgentServiceClient<Channel>,
-    acked: &Arc<Acked>,
+    (repo, acked, tally): Ledger<'_>,
     pending: &[Outgoing],
 ) -> Result<Vec<Outgoing>> {
     let mut lacking = Vec::new();
@@ -394,11 +506,12 @@ async fn lacking(
             if missing.contains(&b.id.0[..]) {
                 lacking.push(*b);
             } else {
-                held.push(b.id);
+                held.push((b.id, b.at.map(|l| l.pack)));
             }
         }
-        let a = acked.clone();
-        tokio::task::spawn_blocking(move || a.insert(&held)).await??;
+        let settled = tally.settle(held)?;
+        let (r, a) = (repo.clone(), acked.clone());
+        tokio::task::spawn_blocking(move || settled.record(&r, &a)).await??;
     }
     Ok(lacking)
 }
@@ -408,20 +521,19 @@ async fn lacking(
 async fn queue_lacking(
     stream: &mut Option<BlobStream>,
     client: &mut AgentServiceClient<Channel>,
-    repo: &Arc<Repository>,
-    acked: &Arc<Acked>,
+    ledger: Ledger<'_>,
     blobs: &[Outgoing],
     control: &UploadControl,
 ) -> Result<()> {
-    let lacking = lacking(client, acked, blobs).await?;
+    let lacking = lacking(client, ledger, blobs).await?;
     if lacking.is_empty() {
         return Ok(());
     }
     let s = match stream {
         Some(s) => s,
-        None => stream.insert(BlobStream::open(client, acked.clone()).await?),
+        None => stream.insert(BlobStream::open(client, ledger).await?),
     };
-    s.send(repo, lacking, control).await
+    s.send(ledger.0, lacking, control).await
 }
 
 /// Largest span of a pack read at once for an upload.
@@ -443,6 +555,18 @@ fn run_end(blobs: &[Outgoing], i: usize) -> usize {
         j += 1;
     }
     j
+}
+
+/// Whether the collector is known to hold `id`: acknowledged, or in a spool
+/// pack marked uploaded or dropped.
+fn held_elsewhere(repo: &Repository, acked: &Acked, id: &Id) -> Result<bool> {
+    if acked.contains(id)? {
+        return Ok(true);
+    }
+    Ok(matches!(
+        repo.catalog()?.locate(id)?,
+        Some((_, PackState::Uploaded | PackState::Dropped))
+    ))
 }
 
 /// One blob's location (looked up unless known) and sealed bytes; `None`
@@ -515,8 +639,8 @@ impl Message {
 struct BlobStream {
     tx: mpsc::Sender<pb::UploadRequest>,
     acks: tokio::task::JoinHandle<Result<()>>,
-    /// Sent, not yet acknowledged.
-    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<Id>>>,
+    /// Sent, not yet acknowledged, with the spool pack each was read from.
+    in_flight: Arc<Mutex<HashMap<Id, Option<Id>>>>,
     /// Set when the acknowledgement task ends (stream over, or it failed):
     /// the sender stops instead of queueing into a stream nobody reads.
     ended: Arc<std::sync::atomic::AtomicBool>,
@@ -530,15 +654,16 @@ struct BlobStream {
 }
 
 impl BlobStream {
-    /// Open the stream and start recording acknowledgements into `acked`.
-    async fn open(client: &mut AgentServiceClient<Channel>, acked: Arc<Acked>) -> Result<Self> {
+    /// Open the stream and start recording acknowledgements in `ledger`.
+    async fn open(client: &mut AgentServiceClient<Channel>, ledger: Ledger<'_>) -> Result<Self> {
+        let (repo, acked, tally) = (ledger.0.clone(), ledger.1.clone(), ledger.2.clone());
         let (tx, rx) = mpsc::channel::<pb::UploadRequest>(STREAM_QUEUE);
         let mut acks = client
             .upload(ReceiverStream::new(rx))
             .await
             .context("opening the upload stream")?
             .into_inner();
-        let in_flight = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let in_flight = Arc::new(Mutex::new(HashMap::new()));
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (a, f, e) = (acked.clone(), in_flight.clone(), ended.clone());
         let acks = tokio::spawn(async move {
@@ -546,9 +671,19 @@ impl BlobStream {
                 while let Some(ack) = acks.next().await {
                     let ack = ack.context("upload refused by the collector")?;
                     let ids: Vec<Id> = ack.ids.iter().filter_map(|b| Id::from_slice(b)).collect();
-                    let (a, f) = (a.clone(), f.clone());
+                    let (r, a, f, t) = (repo.clone(), a.clone(), f.clone(), tally.clone());
                     tokio::task::spawn_blocking(move || -> Result<()> {
-                        a.insert(&ids)?;
+                        // Recorded before leaving the in-flight set: close()
+                        // returns only once every acknowledgement is kept.
+                        let held: Vec<(Id, Option<Id>)> = {
+                            let f = f
+                                .lock()
+                                .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?;
+                            ids.iter()
+                                .map(|id| (*id, f.get(id).copied().flatten()))
+                                .collect()
+                        };
+                        t.settle(held)?.record(&r, &a)?;
                         let mut f = f
                             .lock()
                             .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?;
@@ -628,10 +763,18 @@ impl BlobStream {
                     _ => None,
                 };
                 for &Outgoing { kind, id, at } in &blobs[i..j] {
-                    let fresh = in_flight
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?
-                        .insert(id);
+                    let fresh = {
+                        let mut f = in_flight
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("in-flight set poisoned"))?;
+                        match f.entry(id) {
+                            std::collections::hash_map::Entry::Occupied(_) => false,
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                v.insert(at.map(|l| l.pack));
+                                true
+                            }
+                        }
+                    };
                     if !fresh {
                         continue; // sent already on this stream, acknowledgement pending
                     }
@@ -646,7 +789,7 @@ impl BlobStream {
                         Ok(Some(found)) => found,
                         // Dropped from the spool meanwhile by a trim after another
                         // source's upload: the collector holds it, nothing to send.
-                        _ if acked.contains(&id)? => {
+                        _ if held_elsewhere(&repo, &acked, &id)? => {
                             if let Ok(mut f) = in_flight.lock() {
                                 f.remove(&id);
                             }

@@ -13,6 +13,12 @@
 //! (listing data-only packs: [`Catalog::packs_only_of`]), or one sorted pass
 //! over every blob ([`Catalog::for_each_blob_by_pack`], for `check`).
 //! Schema-1 catalogs are migrated by [`Catalog::open`].
+//!
+//! Schema 3 adds `packs.state` ([`PackState`]): an agent's spool marks a
+//! data pack uploaded once the collector holds its every blob, and dropped
+//! once its file is deleted. A dropped pack keeps its rows, so the blobs
+//! still count as stored for deduplication ([`Catalog::contains`]) but not
+//! as readable here ([`Catalog::lookup`], [`Catalog::not_local`]).
 
 use std::path::{Path, PathBuf};
 
@@ -25,21 +31,23 @@ use crate::pack::PackEntry;
 use crate::snapshot::Snapshot;
 
 /// Schema version stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `packs.kind` of a pack listing both kinds of blob, or none; a pack
 /// listing one kind has that kind's byte (`BlobKind as u8`).
 pub const PACK_KIND_MIXED: u8 = 2;
 
-/// `kind DEFAULT 2`: `ALTER TABLE … ADD COLUMN … NOT NULL` needs a default,
-/// so a migrated schema-1 catalog and a new one have the same column.
+/// `kind DEFAULT 2`, `state DEFAULT 0`: `ALTER TABLE … ADD COLUMN … NOT
+/// NULL` needs a default, so a migrated catalog and a new one have the same
+/// columns.
 const SCHEMA: &str = "
 CREATE TABLE packs (
     pack_id INTEGER PRIMARY KEY,
     name    BLOB NOT NULL UNIQUE,
     size    INTEGER NOT NULL,
     blobs   INTEGER NOT NULL,
-    kind    INTEGER NOT NULL DEFAULT 2
+    kind    INTEGER NOT NULL DEFAULT 2,
+    state   INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE blobs (
     id         BLOB PRIMARY KEY,
@@ -57,6 +65,33 @@ CREATE TABLE snapshots (
 ) WITHOUT ROWID;
 CREATE INDEX snapshots_by_time ON snapshots(time_ns);
 ";
+
+/// Where a pack's bytes are (`packs.state`). Only an agent's spool, which
+/// is not a store of record, ever leaves [`PackState::Local`]: see
+/// docs/repo-format.md, 5.10.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PackState {
+    /// The pack file is here; nothing is known of other copies.
+    Local = 0,
+    /// The pack file is here, and every blob it lists is durable at the
+    /// agent's collector: it can be dropped without a blob-by-blob check.
+    Uploaded = 1,
+    /// The file was deleted after upload. The rows stay: the blobs are
+    /// stored (at the collector), so a backup does not store them again,
+    /// but they cannot be read here.
+    Dropped = 2,
+}
+
+impl PackState {
+    fn from_i64(v: i64) -> Option<PackState> {
+        match v {
+            0 => Some(PackState::Local),
+            1 => Some(PackState::Uploaded),
+            2 => Some(PackState::Dropped),
+            _ => None,
+        }
+    }
+}
 
 /// Where a blob is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,19 +121,46 @@ DROP INDEX blobs_by_pack;
 PRAGMA user_version = 2;
 ";
 
+/// Schema 2 → 3: every pack is local.
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE packs ADD COLUMN state INTEGER NOT NULL DEFAULT 0;
+PRAGMA user_version = 3;
+";
+
 /// Every blob row with its pack's name, grouped by pack. CROSS JOIN keeps
 /// `blobs` the outer loop: one scan, a primary-key search of `packs` per
 /// row, then a sort; never a scan of `blobs` per pack.
+/// Rows of dropped packs are left out: there is no file to compare them with.
 const BLOBS_BY_PACK_SQL: &str =
     "SELECT b.pack_id, p.name, b.kind, b.id, b.offset, b.length, b.raw_length
      FROM blobs b CROSS JOIN packs p ON p.pack_id = b.pack_id
+     WHERE p.state < 2
      ORDER BY b.pack_id, b.offset";
 
 /// One blob row of one pack, by primary key.
 const FORGET_BLOB_SQL: &str = "DELETE FROM blobs WHERE id = ?1 AND pack_id = ?2";
 
-/// Packs of one kind, from `packs` alone.
-const PACKS_OF_KIND_SQL: &str = "SELECT name FROM packs WHERE kind = ?1 ORDER BY name";
+/// Packs of one kind whose files are here, from `packs` alone.
+const PACKS_OF_KIND_SQL: &str =
+    "SELECT name, state FROM packs WHERE kind = ?1 AND state < 2 ORDER BY name";
+
+/// A pack row; one that names a dropped pack is taken back (its file was
+/// written again, by a restore that fetched its blobs).
+const INSERT_PACK_SQL: &str = "INSERT INTO packs(name, size, blobs, kind) VALUES (?1, ?2, ?3, ?4)
+     ON CONFLICT(name) DO UPDATE SET state = 0 WHERE state = 2";
+
+/// A blob row. An id already catalogued keeps its first location, unless
+/// that location's pack was dropped: the new, readable copy replaces it.
+/// (An upsert's update counts as a change; a false `WHERE` as none.)
+const INSERT_BLOB_SQL: &str =
+    "INSERT INTO blobs(id, kind, pack_id, offset, length, raw_length) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+     ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, pack_id = excluded.pack_id,
+         offset = excluded.offset, length = excluded.length, raw_length = excluded.raw_length
+     WHERE (SELECT state FROM packs WHERE pack_id = blobs.pack_id) = 2";
+
+/// A blob's location and its pack's state.
+const LOCATE_SQL: &str = "SELECT b.kind, p.name, b.offset, b.length, b.raw_length, p.state
+     FROM blobs b JOIN packs p ON p.pack_id = b.pack_id WHERE b.id = ?1";
 
 /// `packs.kind` of a pack listing `entries`.
 fn pack_kind(entries: &[PackEntry]) -> u8 {
@@ -178,14 +240,18 @@ impl Catalog {
         }
         let mut v = c.schema_version()?;
         if v == 1 {
-            c.migrate_from_1()?;
+            c.migrate(1, MIGRATE_1_TO_2)?;
+            v = c.schema_version()?;
+        }
+        if v == 2 {
+            c.migrate(2, MIGRATE_2_TO_3)?;
             v = c.schema_version()?;
         }
         if v != SCHEMA_VERSION {
             return Err(Error::BadRepository {
                 path: path.to_path_buf(),
                 detail: format!(
-                    "catalog schema {v}, this build reads {SCHEMA_VERSION} (and migrates 1)"
+                    "catalog schema {v}, this build reads {SCHEMA_VERSION} (and migrates 1 and 2)"
                 ),
             });
         }
@@ -199,17 +265,19 @@ impl Catalog {
             .map_err(cat_err("reading schema version"))
     }
 
-    /// Migrate a schema-1 catalog to schema 2 in one write transaction:
-    /// add and fill `packs.kind`, drop `blobs_by_pack`, set `user_version`.
-    /// The version is read again under the write lock, so two processes
-    /// opening one catalog at once migrate it once. Freed index pages stay
-    /// in the file for later inserts (a rebuild or `VACUUM` returns them).
-    fn migrate_from_1(&mut self) -> Result<()> {
+    /// Migrate a catalog of schema `from` to `from + 1` by running `sql` (which
+    /// sets `user_version`) in one write transaction. The version is read
+    /// again under the write lock, so two processes opening one catalog at
+    /// once migrate it once. 1 → 2 adds and fills `packs.kind` and drops
+    /// `blobs_by_pack` (freed index pages stay in the file for later
+    /// inserts; a rebuild or `VACUUM` returns them); 2 → 3 adds `packs.state`.
+    fn migrate(&mut self, from: i64, sql: &str) -> Result<()> {
         let what = || {
             format!(
-                "migrating catalog {} from schema 1 to 2 (rolled back; \
-                 `hubvault repo rebuild-catalog` recreates it at schema 2)",
-                self.path.display()
+                "migrating catalog {} from schema {from} to {} (rolled back; \
+                 `hubvault repo rebuild-catalog` recreates it at schema {SCHEMA_VERSION})",
+                self.path.display(),
+                from + 1
             )
         };
         let tx = self
@@ -219,10 +287,10 @@ impl Catalog {
         let v: i64 = tx
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(|e| Error::catalog(what(), e))?;
-        if v != 1 {
+        if v != from {
             return Ok(()); // another process migrated it meanwhile
         }
-        tx.execute_batch(MIGRATE_1_TO_2)
+        tx.execute_batch(sql)
             .map_err(|e| Error::catalog(what(), e))?;
         tx.commit().map_err(|e| Error::catalog(what(), e))
     }
@@ -265,7 +333,9 @@ impl Catalog {
 
     /// Record a durable pack and its blobs, in one transaction.
     /// A blob already catalogued (a concurrent writer stored it too) keeps its
-    /// first location; the ids of such blobs are returned, in entry order, so
+    /// first location, unless that location's pack was dropped (the new copy
+    /// is readable: it takes the row); the ids of blobs that kept their
+    /// first location are returned, in entry order, so
     /// a caller that must compare its copy with the first needs no lookup
     /// per blob to find them. `packs.kind` comes from `entries`: 0 only data,
     /// 1 only trees, 2 both or none.
@@ -275,7 +345,7 @@ impl Catalog {
             .transaction()
             .map_err(cat_err("beginning pack transaction"))?;
         tx.execute(
-            "INSERT OR IGNORE INTO packs(name, size, blobs, kind) VALUES (?1, ?2, ?3, ?4)",
+            INSERT_PACK_SQL,
             params![
                 &name.0[..],
                 size as i64,
@@ -294,10 +364,7 @@ impl Catalog {
             .map_err(cat_err("reading pack row"))?;
         {
             let mut st = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO blobs(id, kind, pack_id, offset, length, raw_length)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
+                .prepare_cached(INSERT_BLOB_SQL)
                 .map_err(cat_err("preparing blob insert"))?;
             for e in entries {
                 let added = st
@@ -383,35 +450,69 @@ impl Catalog {
             .map_err(|e| Error::catalog(what("committing"), e))
     }
 
-    /// Packs holding only blobs of `kind` (and at least one), by name: from
-    /// `packs.kind`, without reading blob rows.
-    pub fn packs_only_of(&self, kind: BlobKind) -> Result<Vec<Id>> {
+    /// Packs holding only blobs of `kind` (and at least one) whose files are
+    /// here, by name, with their state: from `packs` alone, without reading
+    /// blob rows.
+    pub fn packs_only_of(&self, kind: BlobKind) -> Result<Vec<(Id, PackState)>> {
         let mut st = self
             .conn
             .prepare_cached(PACKS_OF_KIND_SQL)
             .map_err(cat_err("preparing pack list by kind"))?;
         let rows = st
-            .query_map([kind as u8], |r| r.get::<_, Vec<u8>>(0))
+            .query_map([kind as u8], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+            })
             .map_err(cat_err("listing packs by kind"))?;
         let mut out = Vec::new();
         for row in rows {
-            let n = row.map_err(cat_err("reading pack row"))?;
-            out.push(
-                Id::from_slice(&n)
-                    .ok_or_else(|| Error::corrupt("catalog", "pack name not 32 bytes"))?,
-            );
+            let (n, state) = row.map_err(cat_err("reading pack row"))?;
+            let name = Id::from_slice(&n)
+                .ok_or_else(|| Error::corrupt("catalog", "pack name not 32 bytes"))?;
+            let state = PackState::from_i64(state).ok_or_else(|| {
+                Error::corrupt("catalog", format!("pack {name} has state {state}"))
+            })?;
+            out.push((name, state));
         }
         Ok(out)
     }
 
-    /// Where blob `id` is, if catalogued.
+    /// Set the state of packs `names` (one transaction; a name not
+    /// catalogued is skipped). An agent marks a data pack
+    /// [`PackState::Uploaded`] once the collector holds its every blob, and
+    /// [`PackState::Dropped`] before it deletes the file (so the catalog
+    /// never offers a missing file for reading).
+    pub fn set_pack_state(&mut self, names: &[Id], state: PackState) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(cat_err("beginning pack state update"))?;
+        {
+            let mut st = tx
+                .prepare_cached("UPDATE packs SET state = ?1 WHERE name = ?2")
+                .map_err(cat_err("preparing pack state update"))?;
+            for n in names {
+                st.execute(params![state as i64, &n.0[..]])
+                    .map_err(|e| Error::catalog(format!("setting the state of pack {n}"), e))?;
+            }
+        }
+        tx.commit().map_err(cat_err("committing pack states"))
+    }
+
+    /// Where blob `id` can be read here: `None` when it is not catalogued
+    /// or its pack was dropped.
     pub fn lookup(&self, id: &Id) -> Result<Option<BlobLocation>> {
+        Ok(self
+            .locate(id)?
+            .filter(|(_, state)| *state != PackState::Dropped)
+            .map(|(loc, _)| loc))
+    }
+
+    /// Where blob `id` is catalogued and the state of its pack (a dropped
+    /// pack's location cannot be read: see [`PackState::Dropped`]).
+    pub fn locate(&self, id: &Id) -> Result<Option<(BlobLocation, PackState)>> {
         let mut st = self
             .conn
-            .prepare_cached(
-                "SELECT b.kind, p.name, b.offset, b.length, b.raw_length
-                 FROM blobs b JOIN packs p ON p.pack_id = b.pack_id WHERE b.id = ?1",
-            )
+            .prepare_cached(LOCATE_SQL)
             .map_err(cat_err("preparing lookup"))?;
         st.query_row([&id.0[..]], |r| {
             let kind: u8 = r.get(0)?;
@@ -422,12 +523,13 @@ impl Catalog {
                 r.get::<_, i64>(2)?,
                 r.get::<_, u32>(3)?,
                 r.get::<_, u32>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         })
         .optional()
         .map_err(cat_err("looking up blob"))?
-        .map(|(kind, pack, offset, length, raw_length)| {
-            Ok(BlobLocation {
+        .map(|(kind, pack, offset, length, raw_length, state)| {
+            let loc = BlobLocation {
                 kind: BlobKind::from_u8(kind).ok_or_else(|| {
                     Error::corrupt("catalog", format!("blob {id} has kind {kind}"))
                 })?,
@@ -436,12 +538,17 @@ impl Catalog {
                 offset: offset as u64,
                 length,
                 raw_length,
-            })
+            };
+            let state = PackState::from_i64(state).ok_or_else(|| {
+                Error::corrupt("catalog", format!("pack {} has state {state}", loc.pack))
+            })?;
+            Ok((loc, state))
         })
         .transpose()
     }
 
-    /// True when blob `id` is catalogued.
+    /// True when blob `id` is catalogued: stored here, or uploaded from here
+    /// and dropped (a backup need not store it again).
     pub fn contains(&self, id: &Id) -> Result<bool> {
         let mut st = self
             .conn
@@ -496,6 +603,32 @@ impl Catalog {
         {
             let mut st = tx
                 .prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")
+                .map_err(cat_err("preparing batch lookup"))?;
+            for id in ids {
+                if !st.exists([&id.0[..]]).map_err(cat_err("checking blob"))? {
+                    out.push(*id);
+                }
+            }
+        }
+        tx.commit().map_err(cat_err("ending lookup batch"))?;
+        Ok(out)
+    }
+
+    /// Of `ids`, the ones that cannot be read here (not catalogued, or in a
+    /// dropped pack), in the given order, in one read transaction: what a
+    /// restore must fetch first.
+    pub fn not_local(&mut self, ids: &[Id]) -> Result<Vec<Id>> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(cat_err("beginning lookup batch"))?;
+        let mut out = Vec::new();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT 1 FROM blobs b JOIN packs p ON p.pack_id = b.pack_id
+                     WHERE b.id = ?1 AND p.state < 2",
+                )
                 .map_err(cat_err("preparing batch lookup"))?;
             for id in ids {
                 if !st.exists([&id.0[..]]).map_err(cat_err("checking blob"))? {
@@ -601,11 +734,12 @@ impl Catalog {
         .transpose()
     }
 
-    /// All catalogued packs: (name, size, blob count).
+    /// All catalogued packs whose files are here (not dropped): (name, size,
+    /// blob count).
     pub fn packs(&self) -> Result<Vec<(Id, u64, u64)>> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT name, size, blobs FROM packs ORDER BY name")
+            .prepare_cached("SELECT name, size, blobs FROM packs WHERE state < 2 ORDER BY name")
             .map_err(cat_err("preparing pack list"))?;
         let rows = st
             .query_map([], |r| {
@@ -928,11 +1062,11 @@ CREATE INDEX snapshots_by_time ON snapshots(time_ns);
         assert_eq!(kinds, want, "data, tree, mixed, no rows");
         assert_eq!(
             cat.packs_only_of(BlobKind::Data).expect("data"),
-            vec![pack_name(1)]
+            vec![(pack_name(1), PackState::Local)]
         );
         assert_eq!(
             cat.packs_only_of(BlobKind::Tree).expect("tree"),
-            vec![pack_name(2)]
+            vec![(pack_name(2), PackState::Local)]
         );
         for (name, entries) in &packs {
             for e in entries {
@@ -951,14 +1085,17 @@ CREATE INDEX snapshots_by_time ON snapshots(time_ns);
         let cat = Catalog::open(&path).expect("reopen");
         assert_eq!(
             cat.packs_only_of(BlobKind::Data).expect("data"),
-            vec![pack_name(1), pack_name(5)]
+            vec![
+                (pack_name(1), PackState::Local),
+                (pack_name(5), PackState::Local)
+            ]
         );
         assert_eq!(cat.integrity_check().expect("check"), Ok(()));
     }
 
     #[test]
     fn open_refuses_other_schema_versions() {
-        for v in [0, 3, 99] {
+        for v in [0, 4, 99] {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("catalog.db");
             write_schema_1(&path);
@@ -968,7 +1105,7 @@ CREATE INDEX snapshots_by_time ON snapshots(time_ns);
                 .expect("version");
             let err = Catalog::open(&path).err().expect("refused").to_string();
             assert!(
-                err.contains(&format!("catalog schema {v}, this build reads 2")),
+                err.contains(&format!("catalog schema {v}, this build reads 3")),
                 "{err}"
             );
         }
@@ -1016,11 +1153,107 @@ CREATE INDEX snapshots_by_time ON snapshots(time_ns);
             .expect("duplicate");
         assert_eq!(
             cat.packs_only_of(BlobKind::Data).expect("data"),
-            vec![pack_name(1), pack_name(5)]
+            vec![
+                (pack_name(1), PackState::Local),
+                (pack_name(5), PackState::Local)
+            ]
         );
         assert_eq!(
             cat.packs_only_of(BlobKind::Tree).expect("tree"),
-            vec![pack_name(2)]
+            vec![(pack_name(2), PackState::Local)]
+        );
+    }
+
+    /// A dropped pack's blobs stay stored (a backup does not store them
+    /// again) but are not readable; a new copy of one takes its row, and
+    /// the same pack written again is local once more.
+    #[test]
+    fn dropped_packs_keep_rows_that_are_not_readable() {
+        let (_dir, mut cat) = fresh();
+        let a = [entry(BlobKind::Data, 1, 8), entry(BlobKind::Data, 2, 200)];
+        cat.insert_pack(&pack_name(1), 1000, &a).expect("a");
+        cat.set_pack_state(&[pack_name(1)], PackState::Uploaded)
+            .expect("uploaded");
+        assert_eq!(
+            cat.packs_only_of(BlobKind::Data).expect("data"),
+            vec![(pack_name(1), PackState::Uploaded)]
+        );
+        assert!(
+            cat.lookup(&id(1)).expect("lookup").is_some(),
+            "uploaded: still here"
+        );
+        cat.set_pack_state(&[pack_name(1)], PackState::Dropped)
+            .expect("dropped");
+
+        assert!(cat.contains(&id(1)).expect("contains"));
+        assert!(cat.missing(&[id(1), id(3)]).expect("missing") == vec![id(3)]);
+        assert!(cat.lookup(&id(1)).expect("lookup").is_none());
+        let (loc, state) = cat.locate(&id(1)).expect("locate").expect("row kept");
+        assert_eq!((loc.pack, state), (pack_name(1), PackState::Dropped));
+        assert_eq!(
+            cat.not_local(&[id(1), id(2), id(3)]).expect("not local"),
+            vec![id(1), id(2), id(3)]
+        );
+        assert!(cat.packs_only_of(BlobKind::Data).expect("data").is_empty());
+        assert!(cat.packs().expect("packs").is_empty());
+        let mut visited = 0;
+        cat.for_each_blob_by_pack(|_, _| {
+            visited += 1;
+            Ok(())
+        })
+        .expect("pass");
+        assert_eq!(visited, 0, "no file to compare dropped rows with");
+
+        // Blob 2 fetched back into another pack: that copy is the one read.
+        let b = [entry(BlobKind::Data, 2, 8), entry(BlobKind::Data, 3, 300)];
+        assert_eq!(cat.insert_pack(&pack_name(2), 1000, &b).expect("b"), vec![]);
+        let loc = cat.lookup(&id(2)).expect("lookup").expect("readable again");
+        assert_eq!((loc.pack, loc.offset), (pack_name(2), 8));
+        assert_eq!(cat.not_local(&[id(1), id(2)]).expect("nl"), vec![id(1)]);
+        // A live copy is not displaced by a later one.
+        let c = [entry(BlobKind::Data, 2, 50)];
+        assert_eq!(
+            cat.insert_pack(&pack_name(3), 1000, &c).expect("c"),
+            vec![id(2)]
+        );
+        assert_eq!(
+            cat.lookup(&id(2)).expect("l").expect("2").pack,
+            pack_name(2)
+        );
+
+        // Pack 1 written again (same content, same name): local again.
+        assert_eq!(
+            cat.insert_pack(&pack_name(1), 1000, &a)
+                .expect("a again")
+                .len(),
+            2
+        );
+        assert_eq!(
+            cat.lookup(&id(1)).expect("l").expect("1").pack,
+            pack_name(1)
+        );
+        assert_eq!(cat.blob_count().expect("count"), 3);
+        assert_eq!(cat.integrity_check().expect("check"), Ok(()));
+    }
+
+    /// A schema-2 catalog gets `packs.state`, every pack local.
+    #[test]
+    fn open_migrates_schema_2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.db");
+        {
+            let cat = Catalog::create(&path).expect("create");
+            cat.conn
+                .execute_batch("ALTER TABLE packs DROP COLUMN state; PRAGMA user_version = 2;")
+                .expect("back to schema 2");
+        }
+        let mut cat = Catalog::open(&path).expect("open migrates");
+        assert_eq!(cat.schema_version().expect("v"), SCHEMA_VERSION);
+        let a = [entry(BlobKind::Data, 1, 8)];
+        cat.insert_pack(&pack_name(1), 1000, &a).expect("a");
+        assert_eq!(
+            cat.packs_only_of(BlobKind::Data).expect("data"),
+            vec![(pack_name(1), PackState::Local)]
         );
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::blob::{self, BlobKind};
-use crate::catalog::{BlobLocation, Catalog};
+use crate::catalog::{BlobLocation, Catalog, PackState};
 use crate::config::RepoConfig;
 use crate::crypto::{KeySet, Keys};
 use crate::error::{Error, Result};
@@ -319,6 +319,18 @@ impl Repository {
     /// missing from `entries` would stay behind: see [`Catalog::forget_pack`].
     pub fn drop_pack(&self, name: &Id, entries: &[PackEntry]) -> Result<()> {
         self.catalog()?.forget_pack(name, entries)?;
+        self.store().remove(name)
+    }
+
+    /// Delete the file of pack `name` but keep its catalog rows, marked
+    /// [`PackState::Dropped`]: its blobs stay known as stored (a backup
+    /// does not store them again) but are no longer read here. For an
+    /// agent's spool, once the collector holds every blob of the pack. The
+    /// state goes first, so the catalog never offers a missing file for
+    /// reading; a crash in between leaves an unreferenced file.
+    pub fn retire_pack(&self, name: &Id) -> Result<()> {
+        self.catalog()?
+            .set_pack_state(&[*name], PackState::Dropped)?;
         self.store().remove(name)
     }
 }

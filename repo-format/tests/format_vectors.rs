@@ -203,7 +203,7 @@ fn limits_and_magics_match_consts() {
     // Derived sizes and other limits.
     assert_eq!(ENTRY_LEN, 49);
     assert_eq!(FOOTER_LEN, 12);
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(SCHEMA_VERSION, 3);
     assert_doc_has(&format!(
         "| trailer entry / footer | {ENTRY_LEN} bytes / {FOOTER_LEN} bytes |"
     ));

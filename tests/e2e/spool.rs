@@ -1,15 +1,14 @@
 //! What an agent's spool relies on: trees and data in separate packs, data
-//! packs dropped once stored elsewhere, and chunks stored elsewhere recorded
-//! by id without being stored again.
+//! packs dropped once stored elsewhere, and their chunks still recorded by
+//! id without being stored again.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use integration_tests::fixture;
 use integration_tests::repo::{self, TestRepo};
 use repo_format::Id;
-use repo_format::backup::StoredElsewhere;
 use repo_format::blob::BlobKind;
+use repo_format::catalog::PackState;
 
 #[test]
 fn trees_and_data_never_share_a_pack() {
@@ -24,11 +23,13 @@ fn trees_and_data_never_share_a_pack() {
         .packs_only_of(BlobKind::Data)
         .expect("data")
         .into_iter()
+        .map(|p| p.0)
         .collect();
     let trees: HashSet<Id> = c
         .packs_only_of(BlobKind::Tree)
         .expect("trees")
         .into_iter()
+        .map(|p| p.0)
         .collect();
     assert!(!data.is_empty() && !trees.is_empty());
     let all: HashSet<Id> = c.packs().expect("packs").into_iter().map(|p| p.0).collect();
@@ -36,7 +37,7 @@ fn trees_and_data_never_share_a_pack() {
 }
 
 #[test]
-fn dropped_data_is_not_stored_again_when_stored_elsewhere() {
+fn dropped_data_is_not_stored_again() {
     let repo = TestRepo::new();
     let work = tempfile::tempdir().expect("tempdir");
     let src = work.path().join("src");
@@ -44,20 +45,20 @@ fn dropped_data_is_not_stored_again_when_stored_elsewhere() {
     let r = repo.open();
     let first = repo::backup(&r, &[&src]);
 
-    // Drop every data pack, remembering its blobs as "stored elsewhere".
+    // Drop every data pack's file, as an agent does once they are uploaded.
     let data_packs = r
         .catalog()
         .expect("c")
         .packs_only_of(BlobKind::Data)
         .expect("data");
-    let mut elsewhere = HashSet::new();
-    for p in &data_packs {
+    assert!(data_packs.iter().all(|(_, s)| *s == PackState::Local));
+    let mut dropped = Vec::new();
+    for (p, _) in &data_packs {
         let blobs = r.catalog().expect("c").blobs_in_pack(p).expect("blobs");
-        for b in &blobs {
-            elsewhere.insert(b.id);
-        }
-        r.drop_pack(p, &blobs).expect("drop");
+        dropped.extend(blobs.iter().map(|b| b.id));
+        r.retire_pack(p).expect("drop");
     }
+    assert!(!dropped.is_empty());
     assert!(
         r.catalog()
             .expect("c")
@@ -65,43 +66,36 @@ fn dropped_data_is_not_stored_again_when_stored_elsewhere() {
             .expect("d")
             .is_empty()
     );
-    let on_disk = repo.pack_paths().len();
     assert_eq!(
-        on_disk,
+        repo.pack_paths().len(),
         r.catalog().expect("c").packs().expect("p").len(),
-        "files went with rows"
+        "the files are gone, and no longer listed as here"
     );
-    assert!(!elsewhere.is_empty());
+    // Still stored (for deduplication), no longer readable here.
+    let mut cat = r.catalog().expect("c");
+    assert!(cat.missing(&dropped).expect("missing").is_empty());
+    assert_eq!(cat.not_local(&dropped).expect("not local"), dropped);
+    assert!(cat.lookup(&dropped[0]).expect("lookup").is_none());
+    drop(cat);
     // The tree packs stay: the snapshot's trees still read.
     r.read_tree(&first.snapshot.tree).expect("trees kept");
 
-    // A changed file next to unchanged ones: only its new chunks are stored.
-    let changed = std::fs::read_dir(&src)
+    // A changed file next to unchanged ones, and a copy of an old file:
+    // only the changed file's new chunks are stored.
+    let mut files: Vec<_> = std::fs::read_dir(&src)
         .expect("ls")
-        .next()
-        .expect("a file")
-        .expect("entry")
-        .path();
-    let mut bytes = std::fs::read(&changed).expect("read");
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    let changed = &files[0];
+    std::fs::copy(&files[1], src.join("copy")).expect("copy");
+    let mut bytes = std::fs::read(changed).expect("read");
     bytes.extend_from_slice(b"appended");
-    std::fs::write(&changed, &bytes).expect("write");
-    let known = Arc::new(elsewhere);
-    let k = known.clone();
-    let mut opts = repo::backup_options();
-    opts.stored_elsewhere = Some(StoredElsewhere(Arc::new(move |id| k.contains(id))));
-    let out = repo_format::backup::backup(&r, std::slice::from_ref(&src), &opts).expect("backup");
+    std::fs::write(changed, &bytes).expect("write");
+    let out = repo::backup(&r, &[&src]);
     assert!(
         out.snapshot.stats.new_bytes < 300 * 1024,
         "only the changed file's tail was stored again: {:?}",
         out.snapshot.stats
-    );
-
-    // Without the hook, the same chunks are stored again (the control).
-    std::fs::write(&changed, b"different again").expect("write");
-    let plain = repo::backup(&r, &[&src]);
-    assert!(
-        plain.snapshot.stats.new_bytes >= 3 * 300 * 1024,
-        "without the hook every dropped chunk is stored again: {:?}",
-        plain.snapshot.stats
     );
 }

@@ -138,7 +138,6 @@ pub fn backup_options() -> BackupOptions {
         excludes: Vec::new(),
         dirty: None,
         on_pack: None,
-        stored_elsewhere: None,
     }
 }
 

@@ -103,20 +103,6 @@ impl std::fmt::Debug for PackSink {
     }
 }
 
-/// Says whether a data chunk the catalog lacks is stored elsewhere, so the
-/// backup records its id without sealing and storing it. An agent answers
-/// from the set the collector acknowledged: chunks whose spool packs were
-/// dropped after upload are then not sealed and written again each time
-/// they reappear. Errors should answer false (store it: always safe).
-#[derive(Clone)]
-pub struct StoredElsewhere(pub Arc<dyn Fn(&Id) -> bool + Send + Sync>);
-
-impl std::fmt::Debug for StoredElsewhere {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StoredElsewhere")
-    }
-}
-
 /// Options of one backup.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -138,8 +124,6 @@ pub struct BackupOptions {
     pub dirty: Option<DirtySet>,
     /// Told about each durable pack (see [`PackSink`]).
     pub on_pack: Option<PackSink>,
-    /// Data chunks stored elsewhere (see [`StoredElsewhere`]).
-    pub stored_elsewhere: Option<StoredElsewhere>,
 }
 
 impl Default for BackupOptions {
@@ -152,7 +136,6 @@ impl Default for BackupOptions {
             excludes: Vec::new(),
             dirty: None,
             on_pack: None,
-            stored_elsewhere: None,
         }
     }
 }
@@ -195,8 +178,6 @@ pub(crate) struct Shared<'r> {
     pub(crate) trust_before_ns: i64,
     /// See [`BackupOptions::on_pack`].
     pub(crate) on_pack: Option<PackSink>,
-    /// See [`BackupOptions::stored_elsewhere`].
-    pub(crate) stored_elsewhere: Option<StoredElsewhere>,
 }
 
 impl<'r> Shared<'r> {
@@ -216,7 +197,6 @@ impl<'r> Shared<'r> {
             new_bytes_stored: AtomicU64::new(0),
             trust_before_ns: i64::MAX,
             on_pack: None,
-            stored_elsewhere: None,
         }
     }
 
@@ -249,31 +229,16 @@ impl<'r> Shared<'r> {
     }
 
     /// True when the caller must store blob `id`: it is neither catalogued
-    /// (`contains` asks the catalog) nor already claimed by this backup. (A
-    /// race with a concurrent writer can store a blob twice; the catalog
-    /// keeps the first copy.)
-    pub(crate) fn claim(&self, id: &Id, contains: impl FnMut(&Id) -> Result<bool>) -> Result<bool> {
-        self.claim_unless(id, contains, |_| false)
-    }
-
-    /// [`Shared::claim`] for a data chunk, which is also not stored when
-    /// [`BackupOptions::stored_elsewhere`] says so.
-    pub(crate) fn claim_data(
-        &self,
-        id: &Id,
-        contains: impl FnMut(&Id) -> Result<bool>,
-    ) -> Result<bool> {
-        let elsewhere = |id: &Id| self.stored_elsewhere.as_ref().is_some_and(|s| (s.0)(id));
-        self.claim_unless(id, contains, elsewhere)
-    }
-
-    fn claim_unless(
+    /// (`contains` asks the catalog; a blob of a dropped spool pack counts,
+    /// see [`crate::catalog::PackState::Dropped`]) nor already claimed by
+    /// this backup. (A race with a concurrent writer can store a blob twice;
+    /// the catalog keeps the first copy.)
+    pub(crate) fn claim(
         &self,
         id: &Id,
         mut contains: impl FnMut(&Id) -> Result<bool>,
-        stored_elsewhere: impl Fn(&Id) -> bool,
     ) -> Result<bool> {
-        if self.claims.is_claimed(id)? || contains(id)? || stored_elsewhere(id) {
+        if self.claims.is_claimed(id)? || contains(id)? {
             return Ok(false);
         }
         self.claims.try_claim(id)
@@ -326,7 +291,6 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Res
     let progress = opts.progress.clone().unwrap_or_default();
     let mut shared = Shared::new(repo, progress);
     shared.on_pack = opts.on_pack.clone();
-    shared.stored_elsewhere = opts.stored_elsewhere.clone();
     if let Some(p) = &parent_snap {
         // The parent started at p.time_ns: a file changed within a coarse
         // clock tick (or a small clock step) before that may have been

@@ -299,7 +299,7 @@ impl FileCtx<'_, '_, '_> {
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         entry.chunks.push(id);
         let reader = &mut *self.reader;
-        if !self.shared.claim_data(&id, |id| reader.contains(id))? {
+        if !self.shared.claim(&id, |id| reader.contains(id))? {
             return Ok(());
         }
         if chunk.len() < INLINE_SEAL {
