@@ -93,12 +93,18 @@ const WINDOW: usize = 16_384;
 struct PendingWalk {
     /// (tree, children already expanded?)
     stack: Vec<(Id, bool)>,
+    /// Whether data blobs are listed at all: not when every data blob the
+    /// spool catalogues is known held (see [`Catalog::any_local_data`]).
+    ///
+    /// [`Catalog::any_local_data`]: repo_format::catalog::Catalog::any_local_data
+    with_data: bool,
 }
 
 impl PendingWalk {
-    fn new(root: Id) -> Self {
+    fn new(root: Id, with_data: bool) -> Self {
         PendingWalk {
             stack: vec![(root, false)],
+            with_data,
         }
     }
 
@@ -161,7 +167,7 @@ impl PendingWalk {
                 if let Some(s) = e.subtree {
                     self.stack.push((s, false));
                 }
-                for c in e.chunks {
+                for c in e.chunks.into_iter().filter(|_| self.with_data) {
                     if seen.insert(c) {
                         out.push(Outgoing::lookup(BlobKind::Data, c));
                     }
@@ -420,7 +426,15 @@ pub async fn upload_snapshot<T: Send + 'static>(
 ) -> Result<(UploadReport, T)> {
     let (_, snap) = repo.find_snapshot(&snap_id.to_hex())?;
     let mut report = UploadReport::default();
-    let mut walk = PendingWalk::new(snap.tree);
+    // A snapshot of the spool references only catalogued chunks (or, in a
+    // spool trimmed before catalog schema 3, acknowledged ones). When no
+    // data pack is left that the collector is not known to hold whole
+    // (the usual case once the early upload has sent this backup's packs),
+    // every data chunk is held, and the walk lists trees alone: no lookup
+    // per chunk. The collector's commit check stands behind this either way.
+    let r = repo.clone();
+    let with_data = tokio::task::spawn_blocking(move || r.catalog()?.any_local_data()).await??;
+    let mut walk = PendingWalk::new(snap.tree, with_data);
     let mut stream: Option<BlobStream> = None;
     // Empty: the walk's blobs go into the acknowledged set one by one.
     let tally = PackTally::default();

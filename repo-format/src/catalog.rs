@@ -476,6 +476,20 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Whether any pack here may hold data blobs not known to be held
+    /// elsewhere: a [`PackState::Local`] pack that is not tree-only. When
+    /// none is, every data blob catalogued is in an uploaded or dropped
+    /// pack (an agent then knows its collector holds them all).
+    pub fn any_local_data(&self) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM packs WHERE state = 0 AND kind != 1)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(cat_err("looking for local data packs"))
+    }
+
     /// Set the state of packs `names` (one transaction; a name not
     /// catalogued is skipped). An agent marks a data pack
     /// [`PackState::Uploaded`] once the collector holds its every blob, and
@@ -1172,8 +1186,10 @@ CREATE INDEX snapshots_by_time ON snapshots(time_ns);
         let (_dir, mut cat) = fresh();
         let a = [entry(BlobKind::Data, 1, 8), entry(BlobKind::Data, 2, 200)];
         cat.insert_pack(&pack_name(1), 1000, &a).expect("a");
+        assert!(cat.any_local_data().expect("local data"));
         cat.set_pack_state(&[pack_name(1)], PackState::Uploaded)
             .expect("uploaded");
+        assert!(!cat.any_local_data().expect("none local"));
         assert_eq!(
             cat.packs_only_of(BlobKind::Data).expect("data"),
             vec![(pack_name(1), PackState::Uploaded)]
@@ -1207,6 +1223,7 @@ CREATE INDEX snapshots_by_time ON snapshots(time_ns);
         // Blob 2 fetched back into another pack: that copy is the one read.
         let b = [entry(BlobKind::Data, 2, 8), entry(BlobKind::Data, 3, 300)];
         assert_eq!(cat.insert_pack(&pack_name(2), 1000, &b).expect("b"), vec![]);
+        assert!(cat.any_local_data().expect("local again"));
         let loc = cat.lookup(&id(2)).expect("lookup").expect("readable again");
         assert_eq!((loc.pack, loc.offset), (pack_name(2), 8));
         assert_eq!(cat.not_local(&[id(1), id(2)]).expect("nl"), vec![id(1)]);
