@@ -453,7 +453,10 @@ impl State {
         {
             let mut st =
                 tx.prepare_cached("INSERT OR IGNORE INTO site_holdings(site, id) VALUES (?1, ?2)")?;
-            for id in ids {
+            // In key order: each insert lands next to the previous one.
+            let mut sorted: Vec<&Vec<u8>> = ids.iter().collect();
+            sorted.sort_unstable();
+            for id in sorted {
                 st.execute(params![site, id])?;
             }
         }

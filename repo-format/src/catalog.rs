@@ -366,7 +366,13 @@ impl Catalog {
             let mut st = tx
                 .prepare_cached(INSERT_BLOB_SQL)
                 .map_err(cat_err("preparing blob insert"))?;
-            for e in entries {
+            // In key order: each insert then lands next to the previous one
+            // in the B-tree, on pages already in the cache.
+            let mut order: Vec<usize> = (0..entries.len()).collect();
+            order.sort_unstable_by_key(|&i| entries[i].id);
+            let mut kept = vec![false; entries.len()];
+            for i in order {
+                let e = &entries[i];
                 let added = st
                     .execute(params![
                         &e.id.0[..],
@@ -377,10 +383,15 @@ impl Catalog {
                         e.raw_length
                     ])
                     .map_err(cat_err("inserting blob row"))?;
-                if added == 0 {
-                    elsewhere.push(e.id);
-                }
+                kept[i] = added == 0;
             }
+            elsewhere.extend(
+                entries
+                    .iter()
+                    .zip(kept)
+                    .filter(|(_, k)| *k)
+                    .map(|(e, _)| e.id),
+            );
         }
         tx.commit().map_err(cat_err("committing pack"))?;
         Ok(elsewhere)
