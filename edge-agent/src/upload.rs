@@ -4,7 +4,10 @@
 //!    skipping any tree the collector already acknowledged (a Merkle tree: an
 //!    acknowledged tree implies its whole subtree was acknowledged before it),
 //!    a window of blobs at a time (steps 2-3 run per window: memory is
-//!    bounded by the window, not by the snapshot).
+//!    bounded by the window, not by the snapshot). Data blobs are listed
+//!    only while some spool data pack is not known to be held whole by the
+//!    collector; usually the early upload has seen to that ([`EarlyUpload`]),
+//!    and the walk reads trees alone.
 //! 2. Ask which of those blobs the site lacks, 4096 ids per call.
 //! 3. Stream the lacking blobs' sealed bytes from the spool's packs, in that
 //!    order, on one stream kept open across windows; record each
