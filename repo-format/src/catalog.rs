@@ -620,29 +620,23 @@ impl Catalog {
 
     /// Of `ids`, the ones not catalogued, in the given order (one read transaction for the batch).
     pub fn missing(&mut self, ids: &[Id]) -> Result<Vec<Id>> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(cat_err("beginning lookup batch"))?;
-        let mut out = Vec::new();
-        {
-            let mut st = tx
-                .prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")
-                .map_err(cat_err("preparing batch lookup"))?;
-            for id in ids {
-                if !st.exists([&id.0[..]]).map_err(cat_err("checking blob"))? {
-                    out.push(*id);
-                }
-            }
-        }
-        tx.commit().map_err(cat_err("ending lookup batch"))?;
-        Ok(out)
+        self.without_row(ids, "SELECT 1 FROM blobs WHERE id = ?1")
     }
 
     /// Of `ids`, the ones that cannot be read here (not catalogued, or in a
     /// dropped pack), in the given order, in one read transaction: what a
     /// restore must fetch first.
     pub fn not_local(&mut self, ids: &[Id]) -> Result<Vec<Id>> {
+        self.without_row(
+            ids,
+            "SELECT 1 FROM blobs b JOIN packs p ON p.pack_id = b.pack_id
+             WHERE b.id = ?1 AND p.state < 2",
+        )
+    }
+
+    /// Of `ids`, those for which `sql` (one parameter, the id) finds no row,
+    /// in the given order, in one read transaction.
+    fn without_row(&mut self, ids: &[Id], sql: &str) -> Result<Vec<Id>> {
         let tx = self
             .conn
             .transaction()
@@ -650,10 +644,7 @@ impl Catalog {
         let mut out = Vec::new();
         {
             let mut st = tx
-                .prepare_cached(
-                    "SELECT 1 FROM blobs b JOIN packs p ON p.pack_id = b.pack_id
-                     WHERE b.id = ?1 AND p.state < 2",
-                )
+                .prepare_cached(sql)
                 .map_err(cat_err("preparing batch lookup"))?;
             for id in ids {
                 if !st.exists([&id.0[..]]).map_err(cat_err("checking blob"))? {
