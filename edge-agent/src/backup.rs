@@ -124,9 +124,6 @@ pub async fn run_with(
     })
     .await?
     .context("local backup failed")?;
-    if let Err(e) = acked.end_reads() {
-        tracing::warn!("ending reads of the acknowledged set: {e:#}");
-    }
     upload.planned.store(
         out.snapshot.stats.new_bytes_stored,
         std::sync::atomic::Ordering::Relaxed,
