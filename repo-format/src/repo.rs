@@ -22,7 +22,6 @@ use crate::crypto::{KeySet, Keys};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::keyring::{self, KdfParams};
-use crate::pack::PackEntry;
 use crate::snapshot::{self, Snapshot};
 use crate::store::PackStore;
 use crate::store::dir::DirStore;
@@ -302,24 +301,6 @@ impl Repository {
         }
         self.catalog()?.delete_snapshot(id)?;
         Ok(())
-    }
-
-    /// Drop pack `name` from this repository: its catalog rows, then its
-    /// file. For an agent's spool, whose uploaded data packs the collector
-    /// now keeps: the caller guarantees no snapshot here still needs the
-    /// pack's blobs read back. The rows go first, so the catalog never
-    /// points at a missing file; a crash in between leaves an unreferenced
-    /// file (harmless: `check` lists it as unreferenced).
-    ///
-    /// `entries` are the pack's trailer entries, as
-    /// [`crate::pack::reader::read_trailer`] returns them: the caller reads
-    /// them anyway to decide whether to drop the pack. When the trailer is
-    /// unreadable, [`Catalog::blobs_in_pack`] (a full scan) gives the rows
-    /// instead. The catalog has no index by pack, so a row of this pack
-    /// missing from `entries` would stay behind: see [`Catalog::forget_pack`].
-    pub fn drop_pack(&self, name: &Id, entries: &[PackEntry]) -> Result<()> {
-        self.catalog()?.forget_pack(name, entries)?;
-        self.store().remove(name)
     }
 
     /// Delete the file of pack `name` but keep its catalog rows, marked

@@ -62,6 +62,6 @@ pub trait PackStore: Send + Sync {
     /// Names of all stored packs.
     fn list(&self) -> Result<Vec<Id>>;
     /// Delete pack `name` durably (absent already: fine). Only for packs
-    /// nothing references any more: see [`crate::Repository::drop_pack`].
+    /// nothing references any more: see [`crate::Repository::retire_pack`].
     fn remove(&self, name: &Id) -> Result<()>;
 }
