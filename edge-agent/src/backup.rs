@@ -128,7 +128,14 @@ pub async fn run_with(
         out.snapshot.stats.new_bytes_stored,
         std::sync::atomic::Ordering::Relaxed,
     );
+    let backed_up = started.elapsed();
     let early = early.finish().await;
+    tracing::debug!(
+        backup_s = backed_up.as_secs_f64(),
+        early_done_s = started.elapsed().as_secs_f64(),
+        early_sent = early.sent,
+        "local backup done"
+    );
     // Once the collector holds every blob (acknowledged: durable there), the
     // spool need not keep their data packs: trimmed while the collector
     // checks the commit, which does not read the spool. A failed commit is
@@ -149,6 +156,7 @@ pub async fn run_with(
     report.sent += early.sent;
     report.bytes_sent += early.bytes_sent;
     let upload = report;
+    tracing::debug!(secs = started.elapsed().as_secs_f64(), "committed");
     match trimmed {
         Ok(t) => tracing::debug!(packs = t.packs, bytes = t.bytes, "spool trimmed"),
         // Not fatal: the snapshot is committed; the next run trims again.

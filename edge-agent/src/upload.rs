@@ -473,6 +473,11 @@ pub async fn upload_snapshot<T: Send + 'static>(
         report.bytes_sent += bytes;
     }
 
+    tracing::debug!(
+        candidates = report.candidates,
+        sent = report.sent,
+        "every blob acknowledged; committing"
+    );
     let side = tokio::task::spawn_blocking(on_acked);
     let resp = client
         .commit_snapshot(pb::CommitSnapshotRequest {
