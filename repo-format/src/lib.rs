@@ -39,6 +39,7 @@ pub mod rebuild;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;
+mod span_cache;
 pub mod store;
 pub mod tree;
 

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::keyring::{self, KdfParams};
 use crate::snapshot::{self, Snapshot};
+use crate::span_cache::SpanCache;
 use crate::store::PackStore;
 use crate::store::dir::DirStore;
 use crate::tree::{self, Entry};
@@ -43,6 +44,8 @@ pub struct Repository {
     keys: Keys,
     store: Arc<dyn PackStore>,
     catalog: Mutex<Catalog>,
+    /// Pack spans recently read for trees (see [`crate::span_cache`]).
+    tree_spans: SpanCache,
     _lock: File,
 }
 
@@ -114,6 +117,7 @@ impl Repository {
             keys,
             store,
             catalog: Mutex::new(catalog),
+            tree_spans: SpanCache::default(),
             _lock: lock,
         })
     }
@@ -168,6 +172,7 @@ impl Repository {
             keys,
             store,
             catalog: Mutex::new(catalog),
+            tree_spans: SpanCache::default(),
             _lock: lock,
         }
     }
@@ -239,7 +244,10 @@ impl Repository {
                 "catalogued as a data blob",
             ));
         }
-        let plain = self.read_blob_at(id, &loc)?;
+        let mut sealed = vec![0u8; loc.length as usize];
+        self.tree_spans
+            .read(self.store.as_ref(), &loc.pack, loc.offset, &mut sealed)?;
+        let plain = blob::open(self.keyset(BlobKind::Tree)?, BlobKind::Tree, id, &sealed)?;
         tree::decode(&plain, &format!("tree {id}"))
     }
 
