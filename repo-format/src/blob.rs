@@ -264,36 +264,30 @@ thread_local! {
     /// blob was 3 % of the collector's CPU time (it opens every tree it is
     /// sent, then again at the commit). Only the context is kept, not
     /// [`Opener`]'s megabyte-sized buffers, so an idle thread holds little.
-    static UNZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
+    /// Taken out while in use: a nested call would simply make its own.
+    static UNZSTD: std::cell::Cell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::Cell::new(None) };
 }
 
 /// Open a sealed blob and check that its plaintext hashes to `id`.
 pub fn open(keys: &KeySet, kind: BlobKind, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
-    UNZSTD.with(|cell| {
-        // Not re-entered (nothing below calls back here); a context taken by
-        // a caller up the stack is replaced by a fresh one all the same.
-        let mut owned;
-        let mut guard = cell.try_borrow_mut().ok();
-        let dctx = match guard.as_deref_mut() {
-            Some(Some(d)) => d,
-            Some(slot) => slot.insert(new_dctx()?),
-            None => {
-                owned = new_dctx()?;
-                &mut owned
-            }
-        };
-        let mut s = Scratch {
-            framed: sealed.to_vec(),
-            plain: Vec::new(),
-        };
-        let plain = open_into(keys, kind, id, dctx, &mut s)?;
+    let mut dctx = match UNZSTD.with(std::cell::Cell::take) {
+        Some(d) => d,
+        None => new_dctx()?,
+    };
+    let mut s = Scratch {
+        framed: sealed.to_vec(),
+        plain: Vec::new(),
+    };
+    let opened = open_into(keys, kind, id, &mut dctx, &mut s).and_then(|plain| {
         let actual = keys.id_of(plain);
-        if actual != *id {
-            return Err(Error::IdMismatch { id: *id, actual });
+        match actual == *id {
+            true => Ok(plain.to_vec()),
+            false => Err(Error::IdMismatch { id: *id, actual }),
         }
-        Ok(plain.to_vec())
-    })
+    });
+    UNZSTD.with(|c| c.set(Some(dctx)));
+    opened
 }
 
 fn new_dctx() -> Result<zstd::bulk::Decompressor<'static>> {

@@ -8,7 +8,8 @@
 //! commit check each spent a third of a second on 2 000 directories). Trees
 //! are small and packed together, so one aligned span read serves hundreds.
 //!
-//! Bounded: [`SPANS`] spans of [`SPAN`] bytes, least recently used dropped.
+//! Bounded: [`SPANS`] spans of [`SPAN`] bytes (up to twice that where a
+//! tree crosses a span's end), least recently used dropped.
 //! Packs never change once written (a name is bound to its content), so a
 //! cached span is never stale; which blobs are live is the catalog's answer,
 //! asked before the cache is.
@@ -57,6 +58,12 @@ impl SpanCache {
         offset: u64,
         out: &mut [u8],
     ) -> Result<()> {
+        // A tree larger than a span (a directory of many thousands of
+        // entries) is read alone: the cache holds at most SPANS spans of
+        // up to twice SPAN bytes.
+        if out.len() as u64 > SPAN {
+            return store.read_at(pack, offset, out);
+        }
         if let Some((start, bytes)) = self.find(pack, offset, out.len()) {
             copy_out(start, &bytes, offset, out);
             return Ok(());
@@ -148,6 +155,18 @@ mod tests {
             }
         }
         assert!(cache.spans.lock().expect("lock").len() <= SPANS);
+        // A range longer than a span is read alone, not cached.
+        let mut big = vec![0u8; s + 10];
+        cache.read(&store, &a, 5, &mut big).expect("long read");
+        assert_eq!(big, a_bytes[5..s + 15]);
+        assert!(
+            cache
+                .spans
+                .lock()
+                .expect("lock")
+                .iter()
+                .all(|sp| sp.bytes.len() <= 2 * s)
+        );
         // A range past the pack's end is an error, not a short copy.
         let mut out = vec![0u8; 10];
         assert!(cache.read(&store, &b, 4995, &mut out).is_err());
