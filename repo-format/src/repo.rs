@@ -225,7 +225,14 @@ impl Repository {
     /// Read and verify the blob at `loc` (id re-derived from the plaintext).
     pub fn read_blob_at(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
         let mut sealed = vec![0u8; loc.length as usize];
-        self.store.read_at(&loc.pack, loc.offset, &mut sealed)?;
+        match loc.kind {
+            // Walks read trees one by one: see crate::span_cache.
+            BlobKind::Tree => {
+                self.tree_spans
+                    .read(self.store.as_ref(), &loc.pack, loc.offset, &mut sealed)?
+            }
+            BlobKind::Data => self.store.read_at(&loc.pack, loc.offset, &mut sealed)?,
+        }
         blob::open(self.keyset(loc.kind)?, loc.kind, id, &sealed)
     }
 
@@ -244,10 +251,7 @@ impl Repository {
                 "catalogued as a data blob",
             ));
         }
-        let mut sealed = vec![0u8; loc.length as usize];
-        self.tree_spans
-            .read(self.store.as_ref(), &loc.pack, loc.offset, &mut sealed)?;
-        let plain = blob::open(self.keyset(BlobKind::Tree)?, BlobKind::Tree, id, &sealed)?;
+        let plain = self.read_blob_at(id, &loc)?;
         tree::decode(&plain, &format!("tree {id}"))
     }
 

@@ -15,7 +15,7 @@
 //! asked before the cache is.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use crate::direct::AlignedBuf;
 use crate::error::Result;
@@ -31,7 +31,7 @@ const SPANS: usize = 4;
 struct Span {
     pack: Id,
     start: u64,
-    bytes: Arc<Vec<u8>>,
+    bytes: Vec<u8>,
 }
 
 impl Span {
@@ -64,8 +64,7 @@ impl SpanCache {
         if out.len() as u64 > SPAN {
             return store.read_at(pack, offset, out);
         }
-        if let Some((start, bytes)) = self.find(pack, offset, out.len()) {
-            copy_out(start, &bytes, offset, out);
+        if self.copy_cached(pack, offset, out) {
             return Ok(());
         }
         let start = offset - offset % SPAN;
@@ -79,7 +78,7 @@ impl SpanCache {
         let span = Span {
             pack: *pack,
             start,
-            bytes: Arc::new(bytes.to_vec()),
+            bytes: bytes.to_vec(),
         };
         copy_out(start, &span.bytes, offset, out);
         if let Ok(mut spans) = self.spans.lock() {
@@ -91,14 +90,21 @@ impl SpanCache {
         Ok(())
     }
 
-    /// The cached span holding the range, moved to the front.
-    fn find(&self, pack: &Id, offset: u64, len: usize) -> Option<(u64, Arc<Vec<u8>>)> {
-        let mut spans = self.spans.lock().ok()?;
-        let i = spans.iter().position(|s| s.holds(pack, offset, len))?;
-        let s = spans.remove(i)?;
-        let found = (s.start, s.bytes.clone());
+    /// Copy the range from a cached span (moved to the front), if one holds
+    /// it. Under the lock: a tree is at most a span, a short memcpy.
+    fn copy_cached(&self, pack: &Id, offset: u64, out: &mut [u8]) -> bool {
+        let Ok(mut spans) = self.spans.lock() else {
+            return false;
+        };
+        let Some(i) = spans.iter().position(|s| s.holds(pack, offset, out.len())) else {
+            return false;
+        };
+        let Some(s) = spans.remove(i) else {
+            return false;
+        };
+        copy_out(s.start, &s.bytes, offset, out);
         spans.push_front(s);
-        Some(found)
+        true
     }
 }
 
