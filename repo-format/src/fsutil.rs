@@ -29,6 +29,26 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io("fsync of directory", dir, e))
 }
 
+/// Rename `from` to `to`, failing with `AlreadyExists` if `to` exists
+/// (`renameat2(RENAME_NOREPLACE)` where the platform and file system have
+/// it; elsewhere a check before a plain rename, which only a process racing
+/// this one can defeat).
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+        match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EINVAL) => {} // the file system lacks the flag
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
+    }
+    std::fs::rename(from, to)
+}
+
 /// A temporary sibling name for `path` (same directory, so rename is atomic).
 ///
 /// Built from the raw bytes of at most the first 200 bytes of the name, so
@@ -106,4 +126,30 @@ pub fn sweep_stale(dir: &Path, older_than: std::time::Duration, only_tmp_names: 
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_noreplace_never_replaces() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (from, to) = (d.path().join("from"), d.path().join("to"));
+        std::fs::create_dir(&from).expect("mkdir");
+        std::fs::write(from.join("x"), b"x").expect("write");
+        // An empty directory or a file at the destination is not replaced.
+        std::fs::create_dir(&to).expect("mkdir");
+        let e = rename_noreplace(&from, &to).expect_err("existing directory");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        std::fs::remove_dir(&to).expect("rmdir");
+        std::fs::write(&to, b"file").expect("write");
+        let e = rename_noreplace(&from, &to).expect_err("existing file");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&to).expect("read"), b"file");
+        std::fs::remove_file(&to).expect("rm");
+        rename_noreplace(&from, &to).expect("free destination");
+        assert_eq!(std::fs::read(to.join("x")).expect("read"), b"x");
+        assert!(!from.exists());
+    }
 }

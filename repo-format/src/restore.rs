@@ -1,8 +1,18 @@
 //! Restore: bit-exact content and metadata, never outside the target.
 //!
 //! The caller's thread walks the trees depth-first and creates directories;
-//! worker threads write files. Every file is written to a temporary name in
-//! its directory, its metadata applied, then renamed into place. A directory's
+//! worker threads write files. No file appears under its final path before
+//! its content and metadata are complete:
+//! - in a directory that already existed, each file (symlink, fifo, link) is
+//!   written to a temporary name beside it, then renamed into place;
+//! - a directory that did not exist is built under a temporary name and
+//!   renamed into place once its whole subtree is done, so everything inside
+//!   it is created at its final name at once. A rename per file was a fifth of
+//!   the kernel time of a 200 000-file restore (two more directory searches
+//!   and an insert per file on ext4).
+//!
+//! A restore cut short leaves `.NAME.tmp-*` files or directories, never a
+//! partial file under a real name. A directory's
 //! own metadata (mode, mtime, xattrs) is applied when the last of its
 //! children is done: each child holds a reference to its directory's
 //! [`DirGuard`], whose `Drop` applies it, so a read-only directory is made
@@ -33,7 +43,7 @@ use crate::blob::{self, BlobKind};
 use crate::catalog::Catalog;
 use crate::direct::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::fsutil::tmp_name;
+use crate::fsutil::{rename_noreplace, tmp_name};
 use crate::id::Id;
 use crate::meta;
 use crate::repo::Repository;
@@ -105,19 +115,70 @@ impl Ctx {
     }
 }
 
-/// Applies a directory's metadata once every child is done (on drop).
+/// A directory being restored: once every child is done (on drop) it is
+/// renamed into place if it was staged, then its metadata is applied.
 struct DirGuard {
+    /// Where its children are created (a temporary name while staged).
     path: PathBuf,
+    /// Its final path, when `path` is a temporary name to rename from.
+    staged: Option<PathBuf>,
+    /// Made by this restore inside a staged directory (or staged itself):
+    /// nothing else is in it, so children are created at their final names.
+    fresh: bool,
     entry: Option<Entry>,
     ctx: Arc<Ctx>,
-    _parent: Option<Arc<DirGuard>>,
+    parent: Option<Arc<DirGuard>>,
+}
+
+impl DirGuard {
+    /// The path that `p` (at or below this directory's `path`) has once its
+    /// staged ancestor is renamed into place: what errors name.
+    fn shown(&self, p: &Path) -> PathBuf {
+        let mut d = Some(self);
+        while let Some(g) = d {
+            if let (Some(fin), Ok(rest)) = (&g.staged, p.strip_prefix(&g.path)) {
+                return match rest.as_os_str().is_empty() {
+                    true => fin.clone(),
+                    false => fin.join(rest),
+                };
+            }
+            d = g.parent.as_deref();
+        }
+        p.to_path_buf()
+    }
+
+    /// Create something at `path` (a child of this directory) with `make`:
+    /// directly in a fresh directory, else through a temporary sibling name.
+    fn create(
+        &self,
+        path: &Path,
+        make: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        match self.fresh {
+            true => make(path),
+            false => replace_with(path, make),
+        }
+    }
 }
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
+        let mut at = &self.path;
+        if let Some(fin) = &self.staged {
+            match rename_noreplace(&self.path, fin) {
+                Ok(()) => at = fin,
+                Err(e) => self.ctx.error(
+                    fin,
+                    format!(
+                        "moving the restored directory into place: {e}; its content is in {}",
+                        self.path.display()
+                    ),
+                ),
+            }
+        }
         if let Some(e) = &self.entry {
-            let w = meta::apply(&self.path, e, self.ctx.set_owner);
-            self.ctx.warn(&self.path, w);
+            let w = meta::apply(at, e, self.ctx.set_owner);
+            self.ctx.warn(&self.shown(at), w);
         }
     }
 }
@@ -125,7 +186,7 @@ impl Drop for DirGuard {
 struct FileJob {
     path: PathBuf,
     entry: Entry,
-    _dir: Arc<DirGuard>,
+    dir: Arc<DirGuard>,
 }
 
 /// Restore snapshot `spec` (id, prefix or "latest") of `repo` into `target`.
@@ -169,9 +230,11 @@ pub fn restore_tree(
     });
     let root_guard = Arc::new(DirGuard {
         path: target.to_path_buf(),
+        staged: None,
+        fresh: false,
         entry: None,
         ctx: ctx.clone(),
-        _parent: None,
+        parent: None,
     });
     // What to restore: the whole root tree, or one entry found by path.
     let top: Vec<Entry> = match &opts.path {
@@ -184,7 +247,7 @@ pub fn restore_tree(
     let threads = opts.threads.max(1);
     let (shared_tx, shared_rx) = bounded::<FileJob>(threads * 4);
     let mut own_txs = Vec::new();
-    let mut links: Vec<(PathBuf, PathBuf, Arc<DirGuard>)> = Vec::new();
+    let mut links: Vec<HardLink> = Vec::new();
     std::thread::scope(|s| -> Result<()> {
         for _ in 0..threads {
             let (tx, rx) = bounded::<Vec<FileJob>>(16);
@@ -206,12 +269,15 @@ pub fn restore_tree(
         w.entries(top, &root_guard)
     })?;
     // Hard links last, once every first copy is written; their guards keep
-    // the directories writable until then.
-    for (first, path, guard) in links {
-        if let Err(e) = replace_with(&path, |tmp| std::fs::hard_link(&first, tmp)) {
-            ctx.error(&path, format!("hard link to {}: {e}", first.display()));
+    // both directories writable and at their paths until then.
+    for l in links {
+        if let Err(e) = l.dir.create(&l.path, |p| std::fs::hard_link(&l.first, p)) {
+            let first = l.first_dir.shown(&l.first);
+            ctx.error(
+                &l.dir.shown(&l.path),
+                format!("hard link to {}: {e}", first.display()),
+            );
         }
-        drop(guard);
     }
     drop(root_guard);
     let ctx =
@@ -256,14 +322,23 @@ pub fn find_entry(repo: &Repository, snap: &Id, root: &Id, path: &str) -> Result
     Err(not_found())
 }
 
+/// A hard link to make once the walk is done: `path` in `dir`, to `first` in `first_dir`.
+struct HardLink {
+    first: PathBuf,
+    first_dir: Arc<DirGuard>,
+    path: PathBuf,
+    dir: Arc<DirGuard>,
+}
+
 struct TreeWalk<'a> {
     repo: &'a Repository,
     ctx: &'a Arc<Ctx>,
     own_txs: Vec<crossbeam_channel::Sender<Vec<FileJob>>>,
     shared_tx: crossbeam_channel::Sender<FileJob>,
     next_worker: usize,
-    hardlinks: HashMap<(u64, u64), PathBuf>,
-    links: &'a mut Vec<(PathBuf, PathBuf, Arc<DirGuard>)>,
+    /// The first path of each multiply-linked file, and its directory.
+    hardlinks: HashMap<(u64, u64), (PathBuf, Arc<DirGuard>)>,
+    links: &'a mut Vec<HardLink>,
 }
 
 impl TreeWalk<'_> {
@@ -278,7 +353,7 @@ impl TreeWalk<'_> {
             // Decoded trees are validated; check again, this is the last line of defence.
             if !valid_name(&e.name) {
                 self.ctx.error(
-                    &dir.path,
+                    &dir.shown(&dir.path),
                     format!("refusing entry name {:?}", String::from_utf8_lossy(&e.name)),
                 );
                 continue;
@@ -289,16 +364,21 @@ impl TreeWalk<'_> {
                 EntryKind::File => {
                     if e.nlink > 1 {
                         let key = (e.dev, e.ino);
-                        if let Some(first) = self.hardlinks.get(&key) {
-                            self.links.push((first.clone(), path, dir.clone()));
+                        if let Some((first, first_dir)) = self.hardlinks.get(&key) {
+                            self.links.push(HardLink {
+                                first: first.clone(),
+                                first_dir: first_dir.clone(),
+                                path,
+                                dir: dir.clone(),
+                            });
                             continue;
                         }
-                        self.hardlinks.insert(key, path.clone());
+                        self.hardlinks.insert(key, (path.clone(), dir.clone()));
                     }
                     let job = FileJob {
                         path,
                         entry: e,
-                        _dir: dir.clone(),
+                        dir: dir.clone(),
                     };
                     if job.entry.size >= LARGE_FILE {
                         self.shared_tx
@@ -313,26 +393,30 @@ impl TreeWalk<'_> {
                 }
                 EntryKind::Symlink => {
                     let target = std::ffi::OsStr::from_bytes(&e.target).to_owned();
-                    match replace_with(&path, |tmp| std::os::unix::fs::symlink(&target, tmp)) {
+                    match dir.create(&path, |p| std::os::unix::fs::symlink(&target, p)) {
                         Ok(()) => {
                             let w = meta::apply(&path, &e, self.ctx.set_owner);
-                            self.ctx.warn(&path, w);
+                            self.ctx.warn(&dir.shown(&path), w);
                         }
-                        Err(err) => self.ctx.error(&path, format!("symlink: {err}")),
+                        Err(err) => self.ctx.error(&dir.shown(&path), format!("symlink: {err}")),
                     }
                 }
                 EntryKind::Fifo | EntryKind::CharDev | EntryKind::BlockDev => {
                     if e.kind != EntryKind::Fifo && !meta::is_root() {
-                        self.ctx
-                            .warn(&path, vec!["device node skipped (needs root)".into()]);
+                        self.ctx.warn(
+                            &dir.shown(&path),
+                            vec!["device node skipped (needs root)".into()],
+                        );
                         continue;
                     }
-                    match replace_with(&path, |tmp| meta::make_special(tmp, &e)) {
+                    match dir.create(&path, |p| meta::make_special(p, &e)) {
                         Ok(()) => {
                             let w = meta::apply(&path, &e, self.ctx.set_owner);
-                            self.ctx.warn(&path, w);
+                            self.ctx.warn(&dir.shown(&path), w);
                         }
-                        Err(err) => self.ctx.error(&path, format!("special file: {err}")),
+                        Err(err) => self
+                            .ctx
+                            .error(&dir.shown(&path), format!("special file: {err}")),
                     }
                 }
                 EntryKind::Socket => {}
@@ -352,29 +436,43 @@ impl TreeWalk<'_> {
     }
 
     fn dir(&mut self, path: PathBuf, e: Entry, parent: &Arc<DirGuard>) -> Result<()> {
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                // Never descend through a symlink or replace a file with a tree silently.
-                self.ctx.error(
-                    &path,
-                    "exists and is not a directory; not restoring below it",
-                );
+        let (path, staged) = if parent.fresh {
+            // The parent was made by this restore: nothing can be here yet.
+            if let Err(err) = std::fs::create_dir(&path) {
+                let shown = parent.shown(&path);
+                self.ctx.error(&shown, format!("creating directory: {err}"));
                 return Ok(());
             }
-            Err(_) => {
-                if let Err(err) = std::fs::create_dir(&path) {
-                    self.ctx.error(&path, format!("creating directory: {err}"));
+            (path, None)
+        } else {
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => (path, None),
+                Ok(_) => {
+                    // Never descend through a symlink or replace a file with a tree silently.
+                    self.ctx.error(
+                        &path,
+                        "exists and is not a directory; not restoring below it",
+                    );
                     return Ok(());
                 }
+                Err(_) => {
+                    // New here: built under a temporary name, renamed into place when complete.
+                    let tmp = tmp_name(&path);
+                    if let Err(err) = std::fs::create_dir(&tmp) {
+                        self.ctx.error(&path, format!("creating directory: {err}"));
+                        return Ok(());
+                    }
+                    (tmp, Some(path))
+                }
             }
-        }
+        };
         self.ctx.dirs.fetch_add(1, Ordering::Relaxed);
         let sub = match e.subtree {
             Some(id) => match self.repo.read_tree(&id) {
                 Ok(t) => t,
                 Err(err) => {
-                    self.ctx.error(&path, format!("reading its tree: {err}"));
+                    let shown = staged.clone().unwrap_or_else(|| parent.shown(&path));
+                    self.ctx.error(&shown, format!("reading its tree: {err}"));
                     Vec::new()
                 }
             },
@@ -382,9 +480,11 @@ impl TreeWalk<'_> {
         };
         let guard = Arc::new(DirGuard {
             path,
+            fresh: parent.fresh || staged.is_some(),
+            staged,
             entry: Some(e),
             ctx: self.ctx.clone(),
-            _parent: Some(parent.clone()),
+            parent: Some(parent.clone()),
         });
         self.entries(sub, &guard)
     }
@@ -494,29 +594,44 @@ fn restore_file(
     ctx: &Ctx,
     job: FileJob,
 ) {
-    {
-        let tmp = tmp_name(&job.path);
-        match write_file(repo, reader, opener, window, &tmp, &job.entry) {
-            Ok((f, n)) => {
-                // Metadata through the open file, then closed before the rename.
-                let w = meta::apply_to_file(&f, &job.entry, ctx.set_owner);
-                drop(f);
-                ctx.warn(&job.path, w);
-                match std::fs::rename(&tmp, &job.path) {
-                    Ok(()) => {
-                        ctx.files.fetch_add(1, Ordering::Relaxed);
-                        ctx.bytes.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        ctx.error(&job.path, format!("renaming into place: {e}"));
-                    }
-                }
+    // In a fresh directory the file is made at its final name (the directory
+    // is renamed into place when complete); elsewhere at a temporary one.
+    let tmp;
+    let at: &Path = match job.dir.fresh {
+        true => &job.path,
+        false => {
+            tmp = tmp_name(&job.path);
+            &tmp
+        }
+    };
+    let (f, direct) = match crate::direct::create_new(at, job.entry.size >= DIRECT_MIN) {
+        Ok(x) => x,
+        Err(e) => {
+            let e = Error::io("creating", at, e);
+            return ctx.error(&job.dir.shown(&job.path), e);
+        }
+    };
+    match write_file(repo, reader, opener, window, &f, direct, at, &job.entry) {
+        Ok(n) => {
+            // Metadata through the open file, then closed before any rename.
+            let w = meta::apply_to_file(&f, &job.entry, ctx.set_owner);
+            drop(f);
+            if !w.is_empty() {
+                ctx.warn(&job.dir.shown(&job.path), w);
             }
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                ctx.error(&job.path, e);
+            if !job.dir.fresh
+                && let Err(e) = std::fs::rename(at, &job.path)
+            {
+                let _ = std::fs::remove_file(at);
+                return ctx.error(&job.path, format!("renaming into place: {e}"));
             }
+            ctx.files.fetch_add(1, Ordering::Relaxed);
+            ctx.bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        Err(e) => {
+            drop(f);
+            let _ = std::fs::remove_file(at);
+            ctx.error(&job.dir.shown(&job.path), e);
         }
     }
 }
@@ -531,20 +646,22 @@ const DIRECT_MIN: u64 = WINDOW as u64;
 /// Size of a worker's write window for large files.
 const WINDOW: usize = 1 << 20;
 
-/// Write the content of `e` to a new file at `tmp`, leaving zero blocks as
-/// holes; returns the open file and its length. `window` is the worker's
-/// buffer for large files, allocated at the first one.
+/// Write the content of `e` to `f`, a new file at `tmp` (opened with
+/// `O_DIRECT` if `direct`), leaving zero blocks as holes; returns its
+/// length. `window` is the worker's buffer for large files, allocated at the
+/// first one.
+#[allow(clippy::too_many_arguments)]
 fn write_file(
     repo: &Repository,
     reader: &mut ReadSnapshot,
     opener: &mut blob::Opener,
     window: &mut Option<AlignedBuf>,
+    f: &File,
+    direct: bool,
     tmp: &Path,
     e: &Entry,
-) -> Result<(File, u64)> {
+) -> Result<u64> {
     let large = e.size >= DIRECT_MIN;
-    let (f, direct) =
-        crate::direct::create_new(tmp, large).map_err(|err| Error::io("creating", tmp, err))?;
     let mut out = match large {
         true => Some(WindowWriter::new(
             window.get_or_insert_with(|| AlignedBuf::new(WINDOW, 0)),
@@ -575,8 +692,8 @@ fn write_file(
             .read_at(&loc.pack, loc.offset, opener.buffer(loc.length as usize))?;
         let plain = opener.open_buffer(repo.keyset(loc.kind)?, loc.kind, id)?;
         let wrote = match out.as_mut() {
-            Some(w) => w.push(&f, plain),
-            None => write_sparse(&f, plain, off).map(|end| {
+            Some(w) => w.push(f, plain),
+            None => write_sparse(f, plain, off).map(|end| {
                 if let Some(end) = end {
                     written_to = end;
                 }
@@ -593,7 +710,7 @@ fn write_file(
     }
     if let Some(w) = out {
         // The last window was padded to the alignment: cut it back.
-        w.finish(&f).map_err(|err| Error::io("writing", tmp, err))?;
+        w.finish(f).map_err(|err| Error::io("writing", tmp, err))?;
         written_to = 0;
     }
     // Only a file ending in a hole (or padded) needs its length set (a
@@ -603,7 +720,7 @@ fn write_file(
         f.set_len(off)
             .map_err(|err| Error::io("setting length of", tmp, err))?;
     }
-    Ok((f, off))
+    Ok(off)
 }
 
 /// Gathers a large file's content in an aligned window and writes each

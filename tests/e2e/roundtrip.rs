@@ -371,3 +371,61 @@ fn restore_twice_into_the_same_target() {
         assert!(d.is_empty(), "restore {round}: {d:#?}");
     }
 }
+
+/// Every name under `root` that looks like a restore's temporary name.
+fn temporary_names(root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("read_dir") {
+            let e = e.expect("dir entry");
+            if e.file_name().as_bytes().windows(5).any(|w| w == b".tmp-") {
+                found.push(e.path().display().to_string());
+            }
+            if e.file_type().expect("file type").is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+/// New directories are built under temporary names and renamed into place
+/// when complete; existing ones get each file through a temporary name.
+/// Either way nothing temporary is left, and a hard link whose first copy
+/// sits in another new directory (renamed separately) is still a link.
+#[test]
+fn restore_leaves_no_temporary_names_and_links_across_new_directories() {
+    let repo = TestRepo::new();
+    let r = repo.open();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    std::fs::create_dir_all(a.join("deep/er")).expect("mkdir a");
+    std::fs::create_dir(&b).expect("mkdir b");
+    std::fs::write(a.join("deep/er/first"), b"linked content").expect("write");
+    std::fs::hard_link(a.join("deep/er/first"), b.join("second")).expect("link");
+    std::fs::write(b.join("plain"), b"plain").expect("write");
+    let out = repo::backup(&r, &[&a, &b]);
+    assert!(!out.snapshot.is_partial(), "{:?}", out.snapshot.issues);
+    let target = work.path().join("target");
+    for round in 0..2 {
+        // Round 0: a fresh target (staged directories); round 1: the same
+        // target again (existing directories, per-file temporary names).
+        repo::restore_clean(&r, &out.id.to_hex(), &target);
+        assert_eq!(
+            temporary_names(&target),
+            Vec::<String>::new(),
+            "round {round}"
+        );
+        for d in ["a", "b"] {
+            let diffs = diff_trees(&work.path().join(d), &target.join(d));
+            assert!(diffs.is_empty(), "round {round}, {d}: {diffs:#?}");
+        }
+        let md = |p: &str| std::fs::metadata(target.join(p)).expect("restored");
+        assert_eq!(
+            md("a/deep/er/first").ino(),
+            md("b/second").ino(),
+            "round {round}"
+        );
+    }
+}
