@@ -69,6 +69,7 @@ pub fn load(data: &Path) -> Result<Arc<Ctx>, ServiceError> {
             chunk_avg: cfg.chunker.avg,
             chunk_max: cfg.chunker.max,
             zstd_level: cfg.zstd_level,
+            chunk_normalization: Some(cfg.chunker.normalization.into()),
         },
         repo,
     }))

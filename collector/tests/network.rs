@@ -421,6 +421,14 @@ fn a_chunk_another_site_stored_is_compared_and_stored_once() {
     // Lyon seals the same plaintexts with its own keys: sealing is
     // deterministic, so these are the bytes Paris uploaded.
     let spool = open_spool(&lyon);
+    // Enrollment gave the spool the collector's chunking (sizes and
+    // normalisation) and zstd level: every agent cuts and seals alike.
+    let central = repo_format::config::RepoConfig::load(
+        &c.dir.path().join("data").join("repo").join("config"),
+    )
+    .expect("collector config");
+    assert_eq!(spool.config().chunker, central.chunker);
+    assert_eq!(spool.config().zstd_level, central.zstd_level);
     let keys = spool.keys().content().expect("content key");
     let mut sealer = repo_format::blob::Sealer::new(spool.config().zstd_level).expect("sealer");
     let mut msg = |plain: &[u8]| {

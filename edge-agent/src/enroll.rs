@@ -117,6 +117,10 @@ pub async fn enroll(
         chunk_min: repo.chunk_min,
         chunk_avg: repo.chunk_avg,
         chunk_max: repo.chunk_max,
+        chunk_normalization: match repo.chunk_normalization {
+            Some(n) => u8::try_from(n).context("chunk normalisation level out of range")?,
+            None => repo_format::consts::LEGACY_NORMALIZATION,
+        },
         zstd_level: repo.zstd_level,
     };
     let mut pass = [0u8; 24];
@@ -134,6 +138,7 @@ pub async fn enroll(
         min: cfg.chunk_min,
         avg: cfg.chunk_avg,
         max: cfg.chunk_max,
+        normalization: cfg.chunk_normalization,
     };
     rc.zstd_level = cfg.zstd_level;
     repo_format::Repository::init_with_keys(&st.path("spool"), pass.as_bytes(), kdf, rc, &keys)

@@ -37,8 +37,15 @@ pub struct AgentConfig {
     pub chunk_avg: u32,
     /// Maximum chunk size.
     pub chunk_max: u32,
+    /// FastCDC normalisation level (1 in an `agent.json` written before it was recorded).
+    #[serde(default = "legacy_normalization")]
+    pub chunk_normalization: u8,
     /// zstd level.
     pub zstd_level: i32,
+}
+
+fn legacy_normalization() -> u8 {
+    repo_format::consts::LEGACY_NORMALIZATION
 }
 
 /// An agent state directory.

@@ -24,7 +24,13 @@ impl ChunkerSetup {
     /// Tables for `params` (which must have passed [`ChunkerParams::validate`]) and gear `seed`.
     pub fn new(params: ChunkerParams, seed: u64) -> Self {
         let bits = logarithm2(params.avg);
-        let norm = Normalization::Level1.bits();
+        let norm = match params.normalization {
+            0 => Normalization::Level0,
+            1 => Normalization::Level1,
+            2 => Normalization::Level2,
+            _ => Normalization::Level3,
+        }
+        .bits();
         let mask_s = MASKS[(bits + norm) as usize];
         let mask_l = MASKS[(bits - norm) as usize];
         let (gear, gear_ls) = get_gear_with_seed(seed);
@@ -142,6 +148,7 @@ mod tests {
             min: 1024,
             avg: 4096,
             max: 16384,
+            ..Default::default()
         }
     }
 

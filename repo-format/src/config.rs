@@ -18,6 +18,15 @@ pub struct ChunkerParams {
     pub avg: u32,
     /// Maximum chunk size in bytes.
     pub max: u32,
+    /// FastCDC normalisation level (0..=3): how strongly cut points are
+    /// pushed towards `avg`. Absent from configs written before it was a
+    /// parameter, which were cut at level 1.
+    #[serde(default = "legacy_normalization")]
+    pub normalization: u8,
+}
+
+fn legacy_normalization() -> u8 {
+    LEGACY_NORMALIZATION
 }
 
 impl Default for ChunkerParams {
@@ -26,6 +35,7 @@ impl Default for ChunkerParams {
             min: DEFAULT_MIN_CHUNK,
             avg: DEFAULT_AVG_CHUNK,
             max: DEFAULT_MAX_CHUNK,
+            normalization: DEFAULT_NORMALIZATION,
         }
     }
 }
@@ -39,12 +49,13 @@ impl ChunkerParams {
             && (f::MAXIMUM_MIN..=f::MAXIMUM_MAX).contains(&self.max)
             && self.min <= self.avg
             && self.avg <= self.max
-            && (self.max as usize) <= MAX_BLOB_PLAINTEXT;
+            && (self.max as usize) <= MAX_BLOB_PLAINTEXT
+            && self.normalization <= 3;
         if ok {
             Ok(())
         } else {
             Err(Error::Refused(format!(
-                "chunker sizes {self:?} out of range (min 64 B..1 MiB, avg 256 B..4 MiB, max 1 KiB..16 MiB, min <= avg <= max)"
+                "chunker sizes {self:?} out of range (min 64 B..1 MiB, avg 256 B..4 MiB, max 1 KiB..16 MiB, min <= avg <= max, normalization 0..=3)"
             )))
         }
     }

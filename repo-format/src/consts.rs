@@ -18,6 +18,15 @@ pub const DEFAULT_MIN_CHUNK: u32 = 256 * 1024;
 pub const DEFAULT_AVG_CHUNK: u32 = 1024 * 1024;
 /// Default FastCDC maximum chunk size.
 pub const DEFAULT_MAX_CHUNK: u32 = 4 * 1024 * 1024;
+/// FastCDC normalisation level of new repositories: 2, FastCDC's own
+/// recommendation ("NC-2"). Chunk sizes cluster closer to the average, so
+/// an edit re-stores a smaller chunk: over 150 simulated 24 MiB files with
+/// the default sizes, an insertion re-stored 1400 KiB against 1649 KiB at
+/// level 1 and an append 635 KiB against 777 KiB.
+pub const DEFAULT_NORMALIZATION: u8 = 2;
+/// Normalisation level of a repository whose config does not name one
+/// (made before the level was configurable).
+pub const LEGACY_NORMALIZATION: u8 = 1;
 /// Default zstd level.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// Default pack size target in bytes.

@@ -478,6 +478,12 @@ fn config_json() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config"), &doc).unwrap();
     assert_eq!(RepoConfig::load(&dir.path().join("config")).unwrap(), cfg);
+    // A config written before the normalisation level was a field: level 1.
+    let old = doc.replace(",\n    \"normalization\": 2", "");
+    assert_ne!(old, doc);
+    std::fs::write(dir.path().join("config"), &old).unwrap();
+    let loaded = RepoConfig::load(&dir.path().join("config")).unwrap();
+    assert_eq!(loaded.chunker.normalization, 1);
 }
 
 #[test]
@@ -570,12 +576,13 @@ fn doc_cut(
     min: usize,
     avg: usize,
     max: usize,
+    level: u32,
     g: &[u64; 256],
     gl: &[u64; 256],
     masks: &BTreeMap<u32, u64>,
 ) -> usize {
     let bits = (avg as f64).log2().round() as u32;
-    let (ms, ml) = (masks[&(bits + 1)], masks[&(bits - 1)]);
+    let (ms, ml) = (masks[&(bits + level)], masks[&(bits - level)]);
     let (msl, mll) = (ms << 1, ml << 1);
     let mut n = buf.len();
     if n <= min {
@@ -619,7 +626,7 @@ fn chunker_vector() {
     use fastcdc::v2020::{MASKS, get_gear_with_seed};
     // The masks and gear values printed in the document are the library's.
     let mut masks = BTreeMap::new();
-    for i in 7..=23u32 {
+    for i in 5..=25u32 {
         let line = format!("MASKS[{i}] = {:#018x}", MASKS[i as usize]);
         assert_doc_has(&line);
         masks.insert(i, MASKS[i as usize]);
@@ -642,32 +649,47 @@ fn chunker_vector() {
     let mut h = blake3::Hasher::new();
     h.update(b"hubvault chunker vector");
     h.finalize_xof().fill(&mut input);
-    let params = ChunkerParams {
-        min: 256,
-        avg: 1024,
-        max: 4096,
-    };
-    params.validate().unwrap();
-    let setup = ChunkerSetup::new(params, seed);
-    let mut chunker = Chunker::new(&input[..], &setup, Vec::new());
-    let mut lens = Vec::new();
-    while let Some(c) = chunker.next_chunk().unwrap() {
-        lens.push(c.len());
+    for (level, row) in [
+        (1u8, "chunk lengths"),
+        (2, "chunk lengths, normalization 2"),
+    ] {
+        let params = ChunkerParams {
+            min: 256,
+            avg: 1024,
+            max: 4096,
+            normalization: level,
+        };
+        params.validate().unwrap();
+        let setup = ChunkerSetup::new(params, seed);
+        let mut chunker = Chunker::new(&input[..], &setup, Vec::new());
+        let mut lens = Vec::new();
+        while let Some(c) = chunker.next_chunk().unwrap() {
+            lens.push(c.len());
+        }
+        let mut doc_lens = Vec::new();
+        let mut pos = 0;
+        while pos < input.len() {
+            let n = doc_cut(
+                &input[pos..],
+                256,
+                1024,
+                4096,
+                level.into(),
+                &g,
+                &gl,
+                &masks,
+            );
+            doc_lens.push(n);
+            pos += n;
+        }
+        assert_eq!(lens, doc_lens, "the pseudo-code of 4.5 is the chunker");
+        let joined = lens
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_row(row, &joined);
     }
-    let mut doc_lens = Vec::new();
-    let mut pos = 0;
-    while pos < input.len() {
-        let n = doc_cut(&input[pos..], 256, 1024, 4096, &g, &gl, &masks);
-        doc_lens.push(n);
-        pos += n;
-    }
-    assert_eq!(lens, doc_lens, "the pseudo-code of 4.5 is the chunker");
-    let joined = lens
-        .iter()
-        .map(|n| n.to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    assert_row("chunk lengths", &joined);
 }
 
 // ---- section 5.6: the example repository ----------------------------------

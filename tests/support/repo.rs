@@ -37,6 +37,7 @@ pub fn small_chunker() -> ChunkerParams {
         min: 1024,
         avg: 4096,
         max: 16384,
+        ..Default::default()
     }
 }
 

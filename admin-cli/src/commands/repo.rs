@@ -147,7 +147,12 @@ pub(crate) fn run(cmd: RepoCommand) -> Result<ExitCode> {
                 let [min, avg, max] = s[..] else {
                     bail!("--chunk-sizes needs MIN,AVG,MAX");
                 };
-                cfg.chunker = repo_format::config::ChunkerParams { min, avg, max };
+                cfg.chunker = repo_format::config::ChunkerParams {
+                    min,
+                    avg,
+                    max,
+                    ..Default::default()
+                };
             }
             let kdf = KdfParams::with_memory_kib(kdf_memory_kib);
             Repository::init(&repo.repo, &passphrase(&repo)?, kdf, cfg)
