@@ -22,6 +22,7 @@
 //! <data>/admin/      the admin identity written by init: move it to central IT's machine
 //! ```
 
+pub mod admission;
 pub mod auth;
 pub mod budget;
 pub mod commit;

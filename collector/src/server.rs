@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 
 use crate::Ctx;
+use crate::admission::{Admission, Admitted, Holder};
 use crate::auth::{Revoked, Want, interceptor};
 use crate::conn::BufferedTcp;
 use crate::error::ServiceError;
@@ -88,6 +89,7 @@ pub async fn run(
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let admission = Arc::new(Admission::default());
     let accept = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -103,6 +105,7 @@ pub async fn run(
             };
             let acceptor = acceptor.clone();
             let tx = conn_tx.clone();
+            let admission = admission.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let _ = tcp.set_nodelay(true);
@@ -113,7 +116,20 @@ pub async fn run(
                 .await
                 {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                        let der = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                        let holder = Holder::of(der.map(|c| c.as_ref()));
+                        match admission.admit(&holder) {
+                            Some(ticket) => {
+                                let conn = Admitted::new(tls, ticket);
+                                let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
+                            }
+                            // Dropped here: closed at once (see admission.rs).
+                            None => tracing::warn!(
+                                %peer,
+                                ?holder,
+                                "connection refused: this client already holds its cap of connections"
+                            ),
+                        }
                     }
                     Ok(Err(e)) => tracing::info!(%peer, "TLS handshake rejected: {e}"),
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),

@@ -191,6 +191,86 @@ fn callers_without_a_valid_certificate_are_refused() {
     });
 }
 
+/// One client cannot pile up connections: past its cap (per identity, and
+/// for all connections without a certificate together) a new connection is
+/// closed at once, other clients are unaffected, and a place comes back
+/// when a connection ends.
+#[test]
+fn connections_beyond_a_clients_cap_are_closed() {
+    use collector::admission::{MAX_ANONYMOUS, MAX_PER_ADMIN};
+    let c = Collector::start();
+    let rt = rt();
+    rt.block_on(async {
+        // A call that needs a live connection; the interceptor answers
+        // Unauthenticated to anonymous callers, the admin gets a list.
+        async fn call(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
+            pb::admin_service_client::AdminServiceClient::new(ch)
+                .list_agents(pb::ListAgentsRequest { protocol: PROTOCOL })
+                .await
+                .map(drop)
+        }
+        let alive = |r: &Result<(), tonic::Status>| {
+            !matches!(&r, Err(e) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown)
+        };
+        let mut anon = Vec::new();
+        for i in 0..MAX_ANONYMOUS {
+            let ch = c.channel(None).await.expect("anonymous TLS");
+            let r = call(ch.clone()).await;
+            assert_eq!(r.as_ref().map_err(|e| e.code()), Err(tonic::Code::Unauthenticated), "anonymous {i}");
+            anon.push(ch);
+        }
+        // One more anonymous connection: closed after its handshake.
+        let refused = match c.channel(None).await {
+            Err(_) => true,
+            Ok(ch) => !alive(&call(ch).await),
+        };
+        assert!(refused, "anonymous connection {MAX_ANONYMOUS} must be refused");
+
+        // The admin has its own allowance, full to its cap and no further.
+        let admin_dir = c.admin_dir();
+        let mut admins = Vec::new();
+        for i in 0..MAX_PER_ADMIN {
+            let ch = c.channel(Some((&admin_dir, "admin"))).await.expect("admin");
+            call(ch.clone()).await.unwrap_or_else(|e| panic!("admin {i}: {e:?}"));
+            admins.push(ch);
+        }
+        let refused = match c.channel(Some((&admin_dir, "admin"))).await {
+            Err(_) => true,
+            Ok(ch) => !alive(&call(ch).await),
+        };
+        assert!(refused, "admin connection {MAX_PER_ADMIN} must be refused");
+
+        // Connections that end give their places back.
+        drop(anon);
+        drop(admins);
+        wait_for_async("an admin connection to be admitted again", || async {
+            match c.channel(Some((&admin_dir, "admin"))).await {
+                Ok(ch) => call(ch).await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+        let ch = c.channel(None).await.expect("anonymous TLS");
+        assert_eq!(call(ch).await.map_err(|e| e.code()), Err(tonic::Code::Unauthenticated));
+    });
+}
+
+/// Poll `cond` until it holds (20 s at most).
+async fn wait_for_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[test]
 fn hostile_csr_gets_only_what_the_collector_chooses() {
     let c = Collector::start();
