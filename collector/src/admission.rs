@@ -8,7 +8,8 @@
 //! certificate (the role URI: one agent, across certificate renewals, or the
 //! admin), or against the shared pool of connections without one (only
 //! enrollment works there). Over the cap it is closed at once; the count is
-//! given back when the connection ends. The worst case a client can hold is
+//! given back when the connection ends (the ticket rides in the
+//! connection's [`crate::conn::BufferedTcp`]). The worst case a client can hold is
 //! then its cap times 16 MiB (agents 16 × 16 MiB, anonymous 16 × 16 MiB in
 //! all), whatever the number of connections it tries.
 //!
@@ -16,13 +17,7 @@
 //! on every call, which is what authorises; this is only accounting.
 
 use std::collections::HashMap;
-use std::io::IoSlice;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
 
 use crate::pki::Role;
 
@@ -113,73 +108,6 @@ impl Drop for Ticket {
                 open.remove(&self.holder);
             }
         }
-    }
-}
-
-/// A connection with its ticket: reads, writes and connection information
-/// pass through; the ticket goes back when the server drops the connection.
-pub struct Admitted<T> {
-    inner: T,
-    _ticket: Ticket,
-}
-
-impl<T> Admitted<T> {
-    /// `inner`, holding `ticket` for as long as it lives.
-    pub fn new(inner: T, ticket: Ticket) -> Self {
-        Admitted {
-            inner,
-            _ticket: ticket,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Admitted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Admitted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// The inner connection's information (so `Request::peer_certs` still
-/// finds the client certificate).
-impl<T: Connected> Connected for Admitted<T> {
-    type ConnectInfo = T::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
     }
 }
 

@@ -5,6 +5,9 @@
 //! each: the 600 MB mixed upload made 39 000 of them. Reading through a
 //! 64 KiB buffer takes what the socket holds in one call (9 900 calls) and
 //! serves rustls's small reads from memory. Writes pass through.
+//!
+//! It also carries the connection's admission ticket, so the place is given
+//! back when the server drops the connection.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -14,12 +17,15 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::admission::Ticket;
+
 /// Bytes read from the socket at once.
 const READ_AHEAD: usize = 64 * 1024;
 
 /// A TCP connection whose reads are buffered (see the module comment).
 pub struct BufferedTcp {
     inner: BufReader<TcpStream>,
+    ticket: Option<Ticket>,
 }
 
 impl BufferedTcp {
@@ -27,7 +33,13 @@ impl BufferedTcp {
     pub fn new(tcp: TcpStream) -> Self {
         BufferedTcp {
             inner: BufReader::with_capacity(READ_AHEAD, tcp),
+            ticket: None,
         }
+    }
+
+    /// Keep `ticket` (this connection's admission) until the connection is dropped.
+    pub fn hold(&mut self, ticket: Ticket) {
+        self.ticket = Some(ticket);
     }
 }
 

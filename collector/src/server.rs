@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 
 use crate::Ctx;
-use crate::admission::{Admission, Admitted, Holder};
+use crate::admission::{Admission, Holder};
 use crate::auth::{Revoked, Want, interceptor};
 use crate::conn::BufferedTcp;
 use crate::error::ServiceError;
@@ -115,13 +115,13 @@ pub async fn run(
                 )
                 .await
                 {
-                    Ok(Ok(tls)) => {
+                    Ok(Ok(mut tls)) => {
                         let der = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
                         let holder = Holder::of(der.map(|c| c.as_ref()));
                         match admission.admit(&holder) {
                             Some(ticket) => {
-                                let conn = Admitted::new(tls, ticket);
-                                let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
+                                tls.get_mut().0.hold(ticket);
+                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
                             }
                             // Dropped here: closed at once (see admission.rs).
                             None => tracing::warn!(
