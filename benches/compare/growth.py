@@ -11,7 +11,7 @@ hubvault 7.18 MiB against restic 7.65, the next 8.16 against 7.40).
 This script repeats, per trial and per tool (alternating): copy the generated
 data set (cp -a), init a fresh repository, back up, apply compare.py's
 deterministic mutation, back up again; the growth is the repository's size
-difference. It prints each trial, then the median, mean, min and max.
+difference (`du -sb`, as compare.py measures it). It prints each trial, then the median, mean, min and max.
 
 usage: growth.py [--set mixed] [--trials 8] TOOL...
        TOOL = restic | NAME=/path/to/hubvault
@@ -29,17 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (the data set and the mutation are compare.py's)
-
-
-def tree_size(p: Path) -> int:
-    total = 0
-    for dp, _, fn in os.walk(p):
-        for f in fn:
-            try:
-                total += os.lstat(os.path.join(dp, f)).st_size
-            except FileNotFoundError:
-                pass
-    return total
 
 
 def main() -> None:
@@ -75,10 +64,10 @@ def main() -> None:
                 backup = [binary, "repo", "backup", "--repo", str(repo), str(src)]
             subprocess.run(init, env=env, check=True, capture_output=True)
             subprocess.run(backup, env=env, check=True, capture_output=True)
-            before = tree_size(repo)
+            before = compare.du_bytes(repo)
             compare.mutate(src, params)
             subprocess.run(backup, env=env, check=True, capture_output=True)
-            growth = (tree_size(repo) - before) / 2**20
+            growth = (compare.du_bytes(repo) - before) / 2**20
             results[tool].append(growth)
             print(f"trial {trial} {tool}: growth {growth:.2f} MiB", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)

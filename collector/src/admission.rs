@@ -83,7 +83,8 @@ impl Admission {
     }
 
     /// Connections `holder` holds now.
-    pub fn open(&self, holder: &Holder) -> usize {
+    #[cfg(test)]
+    fn open(&self, holder: &Holder) -> usize {
         self.open
             .lock()
             .map(|o| o.get(holder).copied().unwrap_or(0))

@@ -38,14 +38,10 @@ pub struct AgentConfig {
     /// Maximum chunk size.
     pub chunk_max: u32,
     /// FastCDC normalisation level (1 in an `agent.json` written before it was recorded).
-    #[serde(default = "legacy_normalization")]
+    #[serde(default = "repo_format::config::legacy_normalization")]
     pub chunk_normalization: u8,
     /// zstd level.
     pub zstd_level: i32,
-}
-
-fn legacy_normalization() -> u8 {
-    repo_format::consts::LEGACY_NORMALIZATION
 }
 
 /// An agent state directory.

@@ -25,7 +25,9 @@ pub struct ChunkerParams {
     pub normalization: u8,
 }
 
-fn legacy_normalization() -> u8 {
+/// The normalisation level of a config that names none (serde default,
+/// also for other files that record the chunking, such as an agent's).
+pub fn legacy_normalization() -> u8 {
     LEGACY_NORMALIZATION
 }
 
