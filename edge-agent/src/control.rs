@@ -75,6 +75,7 @@ async fn session(
     collector: &str,
     opts: &ControlOptions,
     sources: &Arc<Sources>,
+    backoff: &mut Duration,
 ) -> End {
     let mut client = match connect(st, collector).await {
         Ok(c) => c,
@@ -109,6 +110,10 @@ async fn session(
         Err(s) => return classify(s),
     };
     tracing::info!("control stream open");
+    // A session that got this far starts the backoff over: sessions end
+    // routinely (the collector caps connection age), and an agent whose
+    // delay had grown to its cap would otherwise be offline a minute each time.
+    *backoff = FIRST_BACKOFF;
     let mut inbound = resp.into_inner();
     loop {
         match inbound.next().await {
@@ -321,6 +326,11 @@ pub async fn renew_if_due(st: &StateDir, collector: &str, force: bool) -> Result
     Ok(true)
 }
 
+/// Delay before the first reconnection attempt after a session ends.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest delay between reconnection attempts (before jitter).
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
 /// Run until revoked: keep the control stream up, reconnecting with backoff,
 /// and keep every source backed up per its policy.
 pub async fn run(st: &StateDir, opts: &ControlOptions) -> Result<()> {
@@ -329,7 +339,7 @@ pub async fn run(st: &StateDir, opts: &ControlOptions) -> Result<()> {
     let sources = Sources::new(st, opts.sources.clone())?;
     // Policies from the last run apply at once, before the collector answers.
     sources.apply_saved();
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = FIRST_BACKOFF;
     loop {
         // Sessions end at least every few minutes (the collector caps
         // connection age), so this runs often enough for 7-day certificates.
@@ -338,7 +348,7 @@ pub async fn run(st: &StateDir, opts: &ControlOptions) -> Result<()> {
             Ok(false) => {}
             Err(e) => tracing::warn!("certificate renewal: {e:#}"),
         }
-        match session(st, &cfg.collector, opts, &sources).await {
+        match session(st, &cfg.collector, opts, &sources, &mut backoff).await {
             End::Revoked(why) => bail!(
                 "this agent was revoked by the collector ({why}); enroll again with a new token"
             ),
@@ -349,7 +359,7 @@ pub async fn run(st: &StateDir, opts: &ControlOptions) -> Result<()> {
                     backoff + jitter
                 );
                 tokio::time::sleep(backoff + jitter).await;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
