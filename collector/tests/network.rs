@@ -108,7 +108,7 @@ fn enroll_once_then_online_then_revoked_everywhere() {
             break s;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < Duration::from_secs(60),
             "agent kept running after revocation"
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -266,15 +266,21 @@ fn connections_beyond_a_clients_cap_are_closed() {
             }
         })
         .await;
-        let ch = c.channel(None).await.expect("anonymous TLS");
-        assert_eq!(
-            call(ch).await.map_err(|e| e.code()),
-            Err(tonic::Code::Unauthenticated)
-        );
+        // The anonymous places come back too (each when the collector sees
+        // its connection close, in no set order).
+        wait_for_async("an anonymous connection to be admitted again", || async {
+            match c.channel(None).await {
+                Ok(ch) => {
+                    matches!(call(ch).await, Err(e) if e.code() == tonic::Code::Unauthenticated)
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
     });
 }
 
-/// Poll `cond` until it holds (20 s at most).
+/// Poll `cond` until it holds (60 s at most: CI machines are slow and shared).
 async fn wait_for_async<F, Fut>(what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
@@ -283,7 +289,7 @@ where
     let start = Instant::now();
     while !cond().await {
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < Duration::from_secs(60),
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -485,6 +491,34 @@ fn collector_killed_mid_upload_then_resumed_without_resending() {
     let snaps: Vec<serde_json::Value> =
         serde_json::from_str(&c.ok(&["snapshots", "--json"])).expect("json");
     assert_eq!(snaps.len(), 1);
+}
+
+/// An agent whose control stream was up starts its reconnection backoff
+/// over: after each of several collector restarts it is back within
+/// seconds. Without the reset the delay doubles per lost session (1, 2, 4,
+/// 8, 16 s, ...), and the fifth restart would take 16 s or more.
+#[test]
+fn agent_reconnects_promptly_after_each_of_many_collector_restarts() {
+    let mut c = Collector::start();
+    c.ok(&["site", "add", "nice"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = enrolled(&c, "nice", tmp.path());
+    let _agent = KillOnDrop(spawn_agent(&state));
+    c.online_agent("nice");
+    for round in 0..6 {
+        c.child.kill().expect("kill -9");
+        let _ = c.child.wait();
+        c.restart();
+        let start = Instant::now();
+        while !c.agents().iter().any(|a| a["online"] == true) {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "restart {round}: the agent did not reconnect within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("restart {round}: back online after {:?}", start.elapsed());
+    }
 }
 
 /// A collector with sites paris and lyon, one enrolled agent each (state
@@ -1363,7 +1397,7 @@ fn sigterm_mid_upload_shuts_down_cleanly_and_the_agent_resumes() {
             break s;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(30),
+            start.elapsed() < Duration::from_secs(120),
             "collector did not stop on SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -1812,8 +1846,12 @@ fn one_agent_gets_a_bounded_number_of_upload_streams_and_bytes_in_flight() {
             .expect_err("over the cap");
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
         assert!(err.message().contains("upload streams open"), "{err}");
+        // End the held streams and read each response to its end: the
+        // collector gives a stream's slot back before it ends the response.
         drop(senders);
-        drop(held);
+        for h in held {
+            let _: Vec<_> = h.into_inner().collect().await;
+        }
 
         // Four streams at once, 40 MiB each: more than the agent's 96 MiB
         // budget in all. Each waits its turn for room; none deadlocks, and
