@@ -179,15 +179,24 @@ fn a_burst_of_10000_creations_is_coalesced_and_exact() {
     let mut l = Live::start(|src| write_files(src, 10, "seed"), &[], &[]);
     l.wait_exact(Duration::from_secs(60));
     let before = l.snapshots().len();
+    let t = Instant::now();
     for d in 0..10 {
         write_files(&l.src.join(format!("burst-{d}")), 1000, "f");
     }
+    let burst = t.elapsed();
     l.wait_exact(Duration::from_secs(120));
     let after = l.snapshots().len();
-    eprintln!("10 000 creations → {} snapshots", after - before);
+    eprintln!(
+        "10 000 creations in {burst:?} → {} snapshots",
+        after - before
+    );
+    // A burst still going after the 5 s maximum delay is cut into a snapshot
+    // per 5 s (a slow, shared machine can stretch it): the bound allows for
+    // that and stays far below one snapshot per file or directory.
+    let bound = 8.max(burst.as_secs() as usize / 5 + 6);
     assert!(
-        after - before <= 8,
-        "coalesced into a few snapshots, got {}",
+        after - before <= bound,
+        "coalesced into a few snapshots, got {} (bound {bound})",
         after - before
     );
 }

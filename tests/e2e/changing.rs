@@ -20,10 +20,15 @@ fn a_file_appended_to_during_the_backup_is_reported_and_the_rest_is_kept() {
     let log = src.join("growing.log");
     std::fs::write(&log, fixture::content(4 << 20, 2, Fill::Random)).expect("write");
 
-    // Append without pause until the backup is over (at most 64 MiB more).
+    // Append a block every millisecond until the backup is over (at most
+    // 64 MiB more). Paced by time, not by bytes: on a loaded machine a
+    // writer that ran flat out could be done before the walk reached the
+    // file, which would then be stable. The backup starts only once the
+    // writer is appending.
     let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(std::sync::Barrier::new(2));
     let writer = {
-        let stop = stop.clone();
+        let (stop, started) = (stop.clone(), started.clone());
         let log = log.clone();
         std::thread::spawn(move || {
             let mut f = std::fs::OpenOptions::new()
@@ -31,14 +36,18 @@ fn a_file_appended_to_during_the_backup_is_reported_and_the_rest_is_kept() {
                 .open(&log)
                 .expect("open log");
             let block = fixture::content(4096, 3, Fill::Random);
+            f.write_all(&block).expect("append");
+            started.wait();
             for _ in 0..16 * 1024 {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
                 f.write_all(&block).expect("append");
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         })
     };
+    started.wait();
     let r = repo.open();
     let out = repo::backup(&r, &[&src]);
     stop.store(true, Ordering::Relaxed);

@@ -168,6 +168,11 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (tx, rx) = mpsc::channel(4);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
+            // Locals drop in reverse order: the stream's slot is given back
+            // before `tx` ends the response, so a client that saw the end
+            // can open a new stream in its place at once.
+            let tx = tx;
+            let budget = budget;
             // Room taken in the budgets for `batch` (see `budget`).
             let mut room: Option<crate::budget::Room> = None;
             // Double-buffered: one batch is made durable (off the runtime)
