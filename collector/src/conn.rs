@@ -7,11 +7,15 @@
 //! serves rustls's small reads from memory. Writes pass through.
 //!
 //! It also carries the connection's admission ticket, so the place is given
-//! back when the server drops the connection.
+//! back when the server drops the connection, and its deadline where it has
+//! one (connections without a certificate, see `admission.rs`): past it,
+//! every read and write fails, and the server drops the connection.
 
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
@@ -26,6 +30,8 @@ const READ_AHEAD: usize = 64 * 1024;
 pub struct BufferedTcp {
     inner: BufReader<TcpStream>,
     ticket: Option<Ticket>,
+    /// When the connection is closed, if it has a lifetime of its own.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl BufferedTcp {
@@ -34,12 +40,31 @@ impl BufferedTcp {
         BufferedTcp {
             inner: BufReader::with_capacity(READ_AHEAD, tcp),
             ticket: None,
+            deadline: None,
         }
     }
 
     /// Keep `ticket` (this connection's admission) until the connection is dropped.
     pub fn hold(&mut self, ticket: Ticket) {
         self.ticket = Some(ticket);
+    }
+
+    /// Fail every read and write from `age` from now on. The server always
+    /// has a read pending on a live connection, and that read is woken at
+    /// the deadline, so an idle connection is closed then too.
+    pub fn close_after(&mut self, age: Duration) {
+        self.deadline = Some(Box::pin(tokio::time::sleep(age)));
+    }
+
+    /// An error once the deadline has passed (registering the wake-up before).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        let d = self.deadline.as_mut()?;
+        d.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection lifetime over (connections without a certificate are short-lived)",
+            )
+        })
     }
 }
 
@@ -49,6 +74,9 @@ impl AsyncRead for BufferedTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -59,6 +87,9 @@ impl AsyncWrite for BufferedTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -67,6 +98,9 @@ impl AsyncWrite for BufferedTcp {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -133,6 +167,34 @@ mod tests {
         conn.flush().await?;
         let back = peer.await.map_err(std::io::Error::other)??;
         assert_eq!(&back, b"hello");
+        Ok(())
+    }
+
+    /// A connection with a lifetime works until it ends, and then fails a
+    /// read that was waiting for the peer (an idle connection is closed).
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_past_its_lifetime_fails_reads_and_writes() -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut peer = TcpStream::connect(addr).await?;
+        let (tcp, _) = listener.accept().await?;
+        let mut conn = BufferedTcp::new(tcp);
+        conn.close_after(Duration::from_secs(30));
+        peer.write_all(b"ping").await?;
+        let mut got = [0u8; 4];
+        conn.read_exact(&mut got).await?;
+        assert_eq!(&got, b"ping");
+        conn.write_all(b"pong").await?;
+        // Nothing more comes: the pending read ends at the deadline.
+        let start = tokio::time::Instant::now();
+        let e = conn
+            .read(&mut got)
+            .await
+            .expect_err("a read past the lifetime");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= Duration::from_secs(29));
+        let e = conn.write_all(b"late").await.expect_err("a write past it");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         Ok(())
     }
 }

@@ -118,8 +118,11 @@ pub async fn run(
                     Ok(Ok(mut tls)) => {
                         let der = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
                         let holder = Holder::of(der.map(|c| c.as_ref()));
-                        match admission.admit(&holder) {
+                        match admission.admit(&holder, peer.ip()) {
                             Some(ticket) => {
+                                if let Some(age) = ticket.max_age() {
+                                    tls.get_mut().0.close_after(age);
+                                }
                                 tls.get_mut().0.hold(ticket);
                                 let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
                             }
@@ -127,7 +130,7 @@ pub async fn run(
                             None => tracing::warn!(
                                 %peer,
                                 ?holder,
-                                "connection refused: this client already holds its cap of connections"
+                                "connection refused: this client (or, without a certificate, its address) already holds its cap of connections"
                             ),
                         }
                     }

@@ -191,13 +191,13 @@ fn callers_without_a_valid_certificate_are_refused() {
     });
 }
 
-/// One client cannot pile up connections: past its cap (per identity, and
-/// for all connections without a certificate together) a new connection is
-/// closed at once, other clients are unaffected, and a place comes back
-/// when a connection ends.
+/// One client cannot pile up connections: past its cap (per identity; for
+/// connections without a certificate, per source address and for all
+/// together) a new connection is closed at once, other clients are
+/// unaffected, and a place comes back when a connection ends.
 #[test]
 fn connections_beyond_a_clients_cap_are_closed() {
-    use collector::admission::{MAX_ANONYMOUS, MAX_PER_ADMIN};
+    use collector::admission::{MAX_ANONYMOUS, MAX_ANONYMOUS_PER_ADDRESS, MAX_PER_ADMIN};
     let c = Collector::start();
     let rt = rt();
     rt.block_on(async {
@@ -214,9 +214,25 @@ fn connections_beyond_a_clients_cap_are_closed() {
         // Cancelled, depending on when the close lands), so "refused" is
         // judged by the absence of the answer an admitted connection gets:
         // Unauthenticated for an anonymous caller, a list for the admin.
+        let from = |i: usize| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1 + i as u8));
+        let refused =
+            |r: Result<(), String>| !matches!(&r, Err(e) if e.starts_with("Unauthenticated"));
+        let c = &c;
+        let try_anonymous = |addr| async move {
+            match c.anonymous_channel_from(addr).await {
+                Err(e) => Err(format!("connect: {e}")),
+                Ok(ch) => call(ch)
+                    .await
+                    .map_err(|e| format!("{:?}: {}", e.code(), e.message())),
+            }
+        };
+        // One address: its share of the anonymous pool, and no more.
         let mut anon = Vec::new();
-        for i in 0..MAX_ANONYMOUS {
-            let ch = c.channel(None).await.expect("anonymous TLS");
+        for i in 0..MAX_ANONYMOUS_PER_ADDRESS {
+            let ch = c
+                .anonymous_channel_from(from(0))
+                .await
+                .expect("anonymous TLS");
             let r = call(ch.clone()).await;
             assert_eq!(
                 r.as_ref().map_err(|e| e.code()),
@@ -225,15 +241,27 @@ fn connections_beyond_a_clients_cap_are_closed() {
             );
             anon.push(ch);
         }
-        // One more anonymous connection: closed after its handshake.
-        let extra = match c.channel(None).await {
-            Err(e) => Err(format!("connect: {e}")),
-            Ok(ch) => call(ch)
-                .await
-                .map_err(|e| format!("{:?}: {}", e.code(), e.message())),
-        };
+        let extra = try_anonymous(from(0)).await;
         assert!(
-            !matches!(&extra, Err(e) if e.starts_with("Unauthenticated")),
+            refused(extra.clone()),
+            "address 0 over its share must be refused, got {extra:?}"
+        );
+        // Other addresses fill the pool; past it, any address is refused.
+        for i in MAX_ANONYMOUS_PER_ADDRESS..MAX_ANONYMOUS {
+            let addr = from(i / MAX_ANONYMOUS_PER_ADDRESS);
+            let ch = c.anonymous_channel_from(addr).await.expect("anonymous TLS");
+            let r = call(ch.clone()).await;
+            assert_eq!(
+                r.as_ref().map_err(|e| e.code()),
+                Err(tonic::Code::Unauthenticated),
+                "anonymous {i}"
+            );
+            anon.push(ch);
+        }
+        let fresh = from(MAX_ANONYMOUS / MAX_ANONYMOUS_PER_ADDRESS);
+        let extra = try_anonymous(fresh).await;
+        assert!(
+            refused(extra.clone()),
             "anonymous connection {MAX_ANONYMOUS} must be refused, got {extra:?}"
         );
 
@@ -269,7 +297,7 @@ fn connections_beyond_a_clients_cap_are_closed() {
         // The anonymous places come back too (each when the collector sees
         // its connection close, in no set order).
         wait_for_async("an anonymous connection to be admitted again", || async {
-            match c.channel(None).await {
+            match c.anonymous_channel_from(from(0)).await {
                 Ok(ch) => {
                     matches!(call(ch).await, Err(e) if e.code() == tonic::Code::Unauthenticated)
                 }

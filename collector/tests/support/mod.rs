@@ -322,6 +322,26 @@ impl Collector {
             .connect()
             .await
     }
+
+    /// A TLS channel without a client certificate, from source address
+    /// `from` (any of 127.0.0.0/8: the collector counts anonymous
+    /// connections per address).
+    pub async fn anonymous_channel_from(
+        &self,
+        from: std::net::IpAddr,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let ca = std::fs::read(self.admin_dir().join("ca.pem")).expect("ca");
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("hubvault-collector");
+        Channel::from_shared(self.url.clone())
+            .expect("url")
+            .tls_config(tls)
+            .expect("tls")
+            .local_address(Some(from))
+            .connect()
+            .await
+    }
 }
 
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
