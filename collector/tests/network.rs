@@ -308,6 +308,56 @@ fn connections_beyond_a_clients_cap_are_closed() {
     });
 }
 
+/// An agent enrolling while its address holds its whole share of
+/// certificate-less connections (many agents enrolling at once behind one
+/// NAT) is refused at first, tries again, and enrolls once a place is free.
+#[test]
+fn enrollment_tries_again_when_its_address_is_at_its_cap() {
+    use collector::admission::MAX_ANONYMOUS_PER_ADDRESS;
+    let c = Collector::start();
+    c.ok(&["site", "add", "brest"]);
+    let token = c.token("brest");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = tmp.path().join("agent");
+    let rt = rt();
+    let held: Vec<_> = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..MAX_ANONYMOUS_PER_ADDRESS {
+            let ch = c
+                .anonymous_channel_from(std::net::Ipv4Addr::LOCALHOST.into())
+                .await
+                .expect("anonymous TLS");
+            // A call proves the connection was admitted (and holds its place).
+            let r = pb::admin_service_client::AdminServiceClient::new(ch.clone())
+                .list_agents(pb::ListAgentsRequest { protocol: PROTOCOL })
+                .await;
+            assert_eq!(
+                r.map(drop).map_err(|e| e.code()),
+                Err(tonic::Code::Unauthenticated)
+            );
+            held.push(ch);
+        }
+        held
+    });
+    let enroll = std::thread::scope(|s| {
+        let e = s.spawn(|| c.enroll(&token, &state));
+        std::thread::sleep(Duration::from_millis(1500));
+        // Closed on the runtime that runs their connections.
+        rt.block_on(async {
+            drop(held);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+        e.join().expect("enroll thread")
+    });
+    let err = String::from_utf8_lossy(&enroll.stderr).to_string();
+    assert!(enroll.status.success(), "enroll after a retry: {err}");
+    assert!(
+        err.contains("trying again"),
+        "the first attempt was refused: {err}"
+    );
+    assert_eq!(c.agents().len(), 1);
+}
+
 /// Poll `cond` until it holds (60 s at most: CI machines are slow and shared).
 async fn wait_for_async<F, Fut>(what: &str, mut cond: F)
 where

@@ -64,6 +64,9 @@ fn der_to_pem(der: &[u8]) -> String {
     pem
 }
 
+/// Longest wait before trying an enrollment again (1, 2, 4, 8 s: 15 s in all).
+const MAX_ENROLL_DELAY: Duration = Duration::from_secs(8);
+
 /// Enroll with the collector at `collector` using `token`, writing the identity into `state`.
 pub async fn enroll(
     collector: &str,
@@ -87,26 +90,45 @@ pub async fn enroll(
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem.as_bytes()))
         .domain_name(SERVER_NAME);
-    let channel = Channel::from_shared(collector.to_string())
+    let endpoint = Channel::from_shared(collector.to_string())
         .with_context(|| format!("bad collector address {collector}"))?
         .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .with_context(|| {
+        .connect_timeout(Duration::from_secs(10));
+    let request = pb::EnrollRequest {
+        protocol: PROTOCOL,
+        token_id: token.id.to_vec(),
+        csr_der: csr.der().to_vec(),
+        hostname: repo_format::backup::hostname(),
+    };
+    // A connection the collector closes before answering (its cap of
+    // certificate-less connections from this address is full: many agents
+    // enrolling at once behind one NAT) is tried again, a few times. The
+    // token is spent only by an answered call; a lost answer makes the
+    // retry fail with "token already used", as clearly as before.
+    let mut delay = Duration::from_secs(1);
+    let resp = loop {
+        let channel = endpoint.connect().await.with_context(|| {
             format!("connecting to {collector} (is the token's CA this collector's?)")
         })?;
-    let hostname = repo_format::backup::hostname();
-    let resp = EnrollServiceClient::new(channel)
-        .enroll(pb::EnrollRequest {
-            protocol: PROTOCOL,
-            token_id: token.id.to_vec(),
-            csr_der: csr.der().to_vec(),
-            hostname,
-        })
-        .await
-        .context("enrollment refused")?
-        .into_inner();
+        match EnrollServiceClient::new(channel)
+            .enroll(request.clone())
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(s)
+                if delay <= MAX_ENROLL_DELAY
+                    && matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+            {
+                tracing::warn!("enrollment call cut ({s}); trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(s) => return Err(s).context("enrollment refused"),
+        }
+    };
     let keys = unwrap_enrollment(&resp.wrapped_keys, &token.secret)
         .context("the repository keys in the reply do not open with this token")?;
     let repo = resp.repo.unwrap_or_default();
