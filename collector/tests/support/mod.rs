@@ -306,6 +306,24 @@ impl Collector {
         &self,
         identity: Option<(&Path, &str)>,
     ) -> Result<Channel, tonic::transport::Error> {
+        self.channel_from(identity, None).await
+    }
+
+    /// A TLS channel without a client certificate, from source address
+    /// `from` (any of 127.0.0.0/8: the collector counts anonymous
+    /// connections per address).
+    pub async fn anonymous_channel_from(
+        &self,
+        from: std::net::IpAddr,
+    ) -> Result<Channel, tonic::transport::Error> {
+        self.channel_from(None, Some(from)).await
+    }
+
+    async fn channel_from(
+        &self,
+        identity: Option<(&Path, &str)>,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let ca = std::fs::read(self.admin_dir().join("ca.pem")).expect("ca");
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
@@ -319,26 +337,7 @@ impl Collector {
             .expect("url")
             .tls_config(tls)
             .expect("tls")
-            .connect()
-            .await
-    }
-
-    /// A TLS channel without a client certificate, from source address
-    /// `from` (any of 127.0.0.0/8: the collector counts anonymous
-    /// connections per address).
-    pub async fn anonymous_channel_from(
-        &self,
-        from: std::net::IpAddr,
-    ) -> Result<Channel, tonic::transport::Error> {
-        let ca = std::fs::read(self.admin_dir().join("ca.pem")).expect("ca");
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name("hubvault-collector");
-        Channel::from_shared(self.url.clone())
-            .expect("url")
-            .tls_config(tls)
-            .expect("tls")
-            .local_address(Some(from))
+            .local_address(from)
             .connect()
             .await
     }
