@@ -144,13 +144,20 @@ async fn session(
     }
 }
 
+/// Whether a call failed because its connection went away (the code a
+/// transport error maps to depends on when the close lands), rather than
+/// because the collector answered with an error.
+pub(crate) fn connection_cut(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::Cancelled | Code::Unknown)
+}
+
 fn classify(s: tonic::Status) -> End {
     match s.code() {
         Code::PermissionDenied if s.message().contains("revoked") => {
             End::Revoked(s.message().to_string())
         }
         // TLS 1.3 reports a rejected client certificate late, as a cancelled call.
-        Code::Unavailable | Code::Cancelled | Code::Unknown => End::Retry(anyhow::anyhow!(
+        c if connection_cut(c) => End::Retry(anyhow::anyhow!(
             "{} (if this persists, the certificate may be rejected or revoked)",
             s.message()
         )),

@@ -115,13 +115,7 @@ pub async fn enroll(
             .await
         {
             Ok(r) => break r.into_inner(),
-            Err(s)
-                if delay <= MAX_ENROLL_DELAY
-                    && matches!(
-                        s.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                    ) =>
-            {
+            Err(s) if delay <= MAX_ENROLL_DELAY && crate::control::connection_cut(s.code()) => {
                 tracing::warn!("enrollment call cut ({s}); trying again in {delay:?}");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
