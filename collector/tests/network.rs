@@ -433,8 +433,17 @@ fn hostile_csr_gets_only_what_the_collector_chooses() {
         .collect();
     assert_eq!(sans.len(), 1, "{sans:?}");
     assert!(sans[0].contains("urn:hubvault:agent:lyon:"), "{sans:?}");
+    // The CSR asked for 2040; the collector gives its own short lifetime
+    // (7 days, `pki::AGENT_CERT_TTL`). Judged against now, not a fixed date,
+    // so the test does not start failing in some later year.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let lifetime = cert.validity().not_after.timestamp() - now;
     assert!(
-        cert.validity().not_after.timestamp() < rcgen::date_time_ymd(2030, 1, 1).unix_timestamp()
+        lifetime > 0 && lifetime <= 8 * 86_400,
+        "agent certificate valid for {lifetime} s from now: want at most 7 days"
     );
 }
 
@@ -960,12 +969,13 @@ fn quickstart_runs_the_main_job_on_embedded_defaults() {
     let src = tmp.path().join("docs");
     std::fs::create_dir_all(&src).expect("mkdir");
     std::fs::write(src.join("a.txt"), b"hello").expect("write");
-    // A free port: bind :0, read it, release it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    // Both runs must use the same port (the agent keeps the collector's
+    // address). Taken below Linux's ephemeral range (32768-60999), where no
+    // `:0` bind of another test can land between our check and the
+    // collector's bind.
+    let port = (20_000 + (std::process::id() % 10_000) as u16..32_000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range");
     let run = || {
         Command::new(bin("hubvault"))
             .args([
