@@ -255,6 +255,110 @@ fn restore_of_a_subpath() {
     assert!(miss.stderr.contains("no entry"), "{}", miss.stderr);
 }
 
+/// Entries below `dir` (at any depth) whose name has `.tmp-` in it.
+fn temporary_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().contains(".tmp-") {
+                out.push(e.path());
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Start `restore` and kill -9 it as soon as `caught` holds (polled):
+/// false when the restore ended first.
+fn kill_restore_when(hv: &Hv, target: &Path, caught: impl Fn() -> bool) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubvault"))
+        .env("HUBVAULT_PASSPHRASE", PASSPHRASE)
+        .args(["repo", "restore", "--repo", s(&hv.repo), "latest"])
+        .args(["--target", s(target), "--threads", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn restore");
+    loop {
+        if caught() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+            return true;
+        }
+        if child.try_wait().expect("try_wait").is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// A restore killed mid-way (SIGKILL) leaves only `.NAME.tmp-*` entries,
+/// never a partial file under a real name, and the next restore into the
+/// same place removes them and ends bit-exact: into an empty target (the
+/// staged top directory is left) and over an earlier restore (the file
+/// being replaced keeps its complete old content; its temporary is left).
+#[test]
+fn restore_killed_midway_is_cleaned_up_by_the_next() {
+    let hv = Hv::init();
+    let (src, _) = hv.fixture("src");
+    // Big enough that the restore is caught while writing it.
+    let big = fixture::content(64 << 20, 7, fixture::Fill::Random);
+    std::fs::write(src.join("big.bin"), &big).expect("write big");
+    hv.backup(&[&src], 0);
+    let target = hv.path("target");
+
+    // Into an empty target: killed while big.bin is written in the staged directory.
+    let caught = kill_restore_when(&hv, &target, || {
+        temporary_entries(&target)
+            .iter()
+            .any(|p| p.join("big.bin").exists())
+    });
+    assert!(caught, "the restore ended before it could be killed");
+    assert!(
+        !target.join("src").exists(),
+        "nothing under its real name before it is complete"
+    );
+    assert_eq!(temporary_entries(&target).len(), 1);
+    let again = hv.restore("latest", &target, None).expect(0);
+    assert!(
+        again.stderr.contains("removed 1 temporary entries"),
+        "{}",
+        again.stderr
+    );
+    assert_same_tree(&src, &target.join("src"));
+    assert_eq!(temporary_entries(&target), Vec::<PathBuf>::new());
+
+    // Over the complete restore: killed while big.bin's replacement is written.
+    let dst = target.join("src");
+    let caught = kill_restore_when(&hv, &target, || {
+        std::fs::read_dir(&dst).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".big.bin.tmp-"))
+        })
+    });
+    assert!(caught, "the restore ended before it could be killed");
+    assert!(
+        std::fs::read(dst.join("big.bin")).expect("read big") == big,
+        "the file under its real name keeps its complete content"
+    );
+    assert!(!temporary_entries(&dst).is_empty());
+    // A name like ours for a name the snapshot does not have is not ours.
+    let foreign = dst.join(".not-in-snapshot.tmp-0123456789abcdef");
+    std::fs::write(&foreign, b"user data").expect("write foreign");
+    let again = hv.restore("latest", &target, None).expect(0);
+    assert!(again.stderr.contains("removed"), "{}", again.stderr);
+    assert_eq!(temporary_entries(&target), vec![foreign]);
+    let skip = [Path::new(".not-in-snapshot.tmp-0123456789abcdef")];
+    assert_eq!(diff_trees_except(&src, &dst, &skip), Vec::<String>::new());
+}
+
 #[test]
 fn wrong_passphrase_is_refused() {
     let hv = Hv::init();

@@ -209,11 +209,15 @@ pub async fn run_restore(
             id,
             pb::JobState::Done,
             format!(
-                "{} warnings; {} blobs pulled, {} chunks ({} bytes) taken from local files",
+                "{} warnings; {} blobs pulled, {} chunks ({} bytes) taken from local files{}",
                 out.warnings.len(),
                 got.pulled,
                 got.local.chunks,
-                got.local.bytes
+                got.local.bytes,
+                match out.leftovers {
+                    0 => String::new(),
+                    n => format!("; {n} leftovers of an interrupted restore removed"),
+                }
             ),
             out.files,
             out.bytes,

@@ -49,6 +49,9 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(from, to)
 }
 
+/// Bytes of a name that [`tmp_name`] keeps in the temporary name.
+pub(crate) const TMP_NAME_KEEP: usize = 200;
+
 /// A temporary sibling name for `path` (same directory, so rename is atomic).
 ///
 /// Built from the raw bytes of at most the first 200 bytes of the name, so
@@ -66,7 +69,7 @@ pub fn tmp_name(path: &Path) -> std::path::PathBuf {
     }
     let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
     let mut tmp = vec![b'.'];
-    tmp.extend_from_slice(&name[..name.len().min(200)]);
+    tmp.extend_from_slice(&name[..name.len().min(TMP_NAME_KEEP)]);
     tmp.extend_from_slice(format!(".tmp-{}", crate::id::hex_encode(&rnd)).as_bytes());
     path.with_file_name(std::ffi::OsString::from_vec(tmp))
 }

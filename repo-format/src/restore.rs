@@ -12,7 +12,12 @@
 //!   and an insert per file on ext4).
 //!
 //! A restore cut short leaves `.NAME.tmp-*` files or directories, never a
-//! partial file under a real name. A directory's
+//! partial file under a real name. The next restore into the same place
+//! removes them: in each directory that already existed, a `.NAME.tmp-<16
+//! hex>` entry (exactly [`tmp_name`]'s form) for a NAME it is about to
+//! restore there, last modified before it started, is a leftover of an
+//! earlier run and is deleted ([`RestoreOutcome::leftovers`] counts them).
+//! Other names, even similar ones, are never touched. A directory's
 //! own metadata (mode, mtime, xattrs) is applied when the last of its
 //! children is done: each child holds a reference to its directory's
 //! [`DirGuard`], whose `Drop` applies it, so a read-only directory is made
@@ -43,7 +48,7 @@ use crate::blob::{self, BlobKind};
 use crate::catalog::Catalog;
 use crate::direct::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::fsutil::{rename_noreplace, tmp_name};
+use crate::fsutil::{TMP_NAME_KEEP, rename_noreplace, tmp_name};
 use crate::id::Id;
 use crate::meta;
 use crate::repo::Repository;
@@ -86,10 +91,16 @@ pub struct RestoreOutcome {
     pub errors: Vec<String>,
     /// Metadata that could not be applied (owner without root, xattrs the file system refuses).
     pub warnings: Vec<String>,
+    /// Temporary entries left by an earlier, interrupted restore of the
+    /// same names into the same directories, removed by this one.
+    pub leftovers: u64,
 }
 
 struct Ctx {
     set_owner: bool,
+    /// When this restore started: only older temporary entries are leftovers.
+    started: std::time::SystemTime,
+    leftovers: AtomicU64,
     files: AtomicU64,
     dirs: AtomicU64,
     bytes: AtomicU64,
@@ -222,6 +233,11 @@ pub fn restore_tree(
     }
     let ctx = Arc::new(Ctx {
         set_owner: opts.set_owner,
+        // A directory is listed for leftovers before this restore creates
+        // anything in it, so this only keeps a concurrent restore's live
+        // temporary entries (made after we started) from being taken.
+        started: std::time::SystemTime::now(),
+        leftovers: AtomicU64::new(0),
         files: AtomicU64::new(0),
         dirs: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
@@ -288,6 +304,7 @@ pub fn restore_tree(
         bytes: ctx.bytes.into_inner(),
         errors: ctx.errors.into_inner().unwrap_or_default(),
         warnings: ctx.warnings.into_inner().unwrap_or_default(),
+        leftovers: ctx.leftovers.into_inner(),
     })
 }
 
@@ -345,6 +362,9 @@ impl TreeWalk<'_> {
     fn entries(&mut self, entries: Vec<Entry>, dir: &Arc<DirGuard>) -> Result<()> {
         let worker = self.next_worker % self.own_txs.len().max(1);
         self.next_worker += 1;
+        if !dir.fresh {
+            self.remove_leftovers(dir, &entries);
+        }
         // A directory's small files go to its worker in batches: a channel
         // message (and a thread wake-up) per file was a tenth of the time of
         // a small-files restore.
@@ -425,6 +445,50 @@ impl TreeWalk<'_> {
         self.send_batch(worker, &mut batch)
     }
 
+    /// Delete what an interrupted earlier restore left in `dir` (a directory
+    /// that existed before this restore) for the names of `entries`: the
+    /// module comment says which entries qualify. Best effort: one that
+    /// cannot be removed is reported as a warning and left.
+    fn remove_leftovers(&self, dir: &DirGuard, entries: &[Entry]) {
+        let Ok(rd) = std::fs::read_dir(&dir.path) else {
+            return; // the walk below reports an unreadable directory
+        };
+        let mut names: Option<std::collections::HashSet<&[u8]>> = None;
+        for de in rd.flatten() {
+            let name = de.file_name();
+            let Some(base) = leftover_base(name.as_bytes()) else {
+                continue;
+            };
+            let names = names.get_or_insert_with(|| {
+                entries
+                    .iter()
+                    .map(|e| &e.name[..e.name.len().min(TMP_NAME_KEEP)])
+                    .collect()
+            });
+            if !names.contains(base) {
+                continue;
+            }
+            let path = de.path();
+            let Ok(md) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if md.modified().is_ok_and(|t| t >= self.ctx.started) {
+                continue; // made after we started: not a leftover
+            }
+            match remove_tree(&path, md.is_dir()) {
+                Ok(()) => {
+                    self.ctx.leftovers.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => self.ctx.warn(
+                    &dir.shown(&path),
+                    vec![format!(
+                        "leftover of an interrupted restore not removed: {e}"
+                    )],
+                ),
+            }
+        }
+    }
+
     /// Hand `batch` (if not empty) to worker `worker`.
     fn send_batch(&mut self, worker: usize, batch: &mut Vec<FileJob>) -> Result<()> {
         if batch.is_empty() {
@@ -488,6 +552,50 @@ impl TreeWalk<'_> {
         });
         self.entries(sub, &guard)
     }
+}
+
+/// The name part of `.NAME.tmp-<16 lowercase hex>` ([`tmp_name`]'s form), or
+/// `None` for any other name.
+fn leftover_base(name: &[u8]) -> Option<&[u8]> {
+    const SUFFIX: usize = ".tmp-".len() + 16;
+    let rest = name.strip_prefix(b".")?;
+    let split = rest.len().checked_sub(SUFFIX)?;
+    let (base, suffix) = rest.split_at(split);
+    let hex = suffix.strip_prefix(b".tmp-")?;
+    let ok = !base.is_empty()
+        && hex
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+    ok.then_some(base)
+}
+
+/// Remove `path`: a file or link, or a directory with everything below it.
+/// An interrupted restore may have made some of its subdirectories
+/// read-only already, so each directory is made writable by its owner
+/// first. Never follows a symlink (`symlink_metadata`; std's
+/// `remove_dir_all` does not either).
+fn remove_tree(path: &Path, is_dir: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_dir {
+        return std::fs::remove_file(path);
+    }
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let md = std::fs::symlink_metadata(&d)?;
+        if !md.is_dir() {
+            continue;
+        }
+        let mode = md.permissions().mode();
+        if mode & 0o700 != 0o700 {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode | 0o700))?;
+        }
+        for e in std::fs::read_dir(&d)?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    std::fs::remove_dir_all(path)
 }
 
 /// Create something at a temporary sibling name with `make`, then rename it over `path`.
@@ -821,6 +929,36 @@ fn data_runs(data: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    /// Only exactly `tmp_name`'s form is taken for a leftover.
+    #[test]
+    fn leftover_names_are_recognised_exactly() {
+        let made = tmp_name(Path::new("/x/report.pdf"));
+        let made = made.file_name().expect("name").as_bytes();
+        assert_eq!(leftover_base(made), Some(&b"report.pdf"[..]));
+        let long = vec![b'n'; 255];
+        let made = tmp_name(&Path::new("/x").join(std::ffi::OsStr::from_bytes(&long)));
+        let made = made.file_name().expect("name").as_bytes();
+        assert_eq!(leftover_base(made), Some(&long[..TMP_NAME_KEEP]));
+        for other in [
+            &b"report.pdf"[..],
+            b".report.pdf",
+            b".report.pdf.tmp-",
+            b"..tmp-0123456789abcdef",
+            b"report.pdf.tmp-0123456789abcdef",
+            b".report.pdf.tmp-0123456789ABCDEF",
+            b".report.pdf.tmp-0123456789abcdeg",
+            b".report.pdf.tmp-0123456789abcde",
+            b".report.pdf.tmp_0123456789abcdef",
+        ] {
+            assert_eq!(
+                leftover_base(other),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
 
     /// Content with data and zero runs, crossing window boundaries, ending
     /// in a partial block: written through the window with direct I/O, with

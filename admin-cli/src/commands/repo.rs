@@ -409,6 +409,12 @@ fn restore(
     for e in &out.errors {
         eprintln!("error: {e}");
     }
+    if out.leftovers > 0 {
+        eprintln!(
+            "removed {} temporary entries left by an interrupted restore",
+            out.leftovers
+        );
+    }
     eprintln!(
         "restored {} files, {} dirs, {} into {}",
         out.files,
