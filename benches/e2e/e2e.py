@@ -17,10 +17,18 @@ The source is read into the page cache before every timed run. Both sides
 use default key-derivation settings. Reported: median wall and CPU seconds
 of each, the ratio local wall / e2e wall (goal >= 0.8), the ratio local CPU /
 agent CPU (what the office pays when the collector has a machine of its own,
-as deployed; on this bench both share the cores), and the peak RSS of each. Python 3.11 standard library only; release binaries from
-target/release (build them first: `cargo build --release --bins`).
+as deployed; on this bench both share the cores), and the peak RSS of each.
 
-    python3 benches/e2e/e2e.py [--sets mixed,small] [--runs 3] [--scale 1]
+`--split-cores` models that deployment with wall times: the local engine and
+the agent run on the "office" cores only, the collector on the others (by
+CPU affinity, inherited by every thread; the engine sizes its pipeline from
+the cores it may use). The ratio is then what an office of that many cores
+sees, with the collector elsewhere.
+
+Python 3.11 standard library only; release binaries from target/release
+(build them first: `cargo build --release --bins`).
+
+    python3 benches/e2e/e2e.py [--sets mixed,small] [--runs 3] [--scale 1] [--split-cores]
 """
 
 from __future__ import annotations
@@ -83,14 +91,46 @@ def check(cmd: list[str], env: dict) -> str:
     return r.stdout
 
 
-def run_local(bins: Path, src: Path, work: Path, logs: Path) -> dict:
+class Cores:
+    """Which CPUs the office side (local engine, agent) and the collector
+    may use; None = all."""
+
+    def __init__(self, office: set[int] | None, collector: set[int] | None):
+        self.office, self.collector = office, collector
+
+    def office_side(self):
+        """Context: children started through compare's spawner inherit the office cores."""
+        cores = self
+
+        class _Pin:
+            def __enter__(self):
+                if cores.office is not None:
+                    compare.Spawner.start()
+                    os.sched_setaffinity(compare.Spawner._proc.pid, cores.office)
+
+            def __exit__(self, *exc):
+                if cores.office is not None:
+                    os.sched_setaffinity(compare.Spawner._proc.pid, os.sched_getaffinity(0))
+
+        return _Pin()
+
+    def collector_preexec(self):
+        """For Popen: pin the collector before exec, so all its threads are."""
+        if self.collector is None:
+            return None
+        cpus = self.collector
+        return lambda: os.sched_setaffinity(0, cpus)
+
+
+def run_local(bins: Path, src: Path, work: Path, logs: Path, cores: Cores) -> dict:
     repo = work / "local-repo"
     shutil.rmtree(repo, ignore_errors=True)
     env = dict(os.environ, HUBVAULT_PASSPHRASE=PASSPHRASE)
     check([str(bins / "hubvault"), "repo", "init", "--repo", str(repo)], env)
     compare.warm(src)
-    r = compare.run_timed([str(bins / "hubvault"), "repo", "backup", "--repo", str(repo), str(src)],
-                          env, logs / "local.log")
+    with cores.office_side():
+        r = compare.run_timed([str(bins / "hubvault"), "repo", "backup", "--repo", str(repo), str(src)],
+                              env, logs / "local.log")
     if r["rc"] != 0:
         raise SystemExit(f"local backup failed, see {logs / 'local.log'}")
     r["repo_bytes"] = compare.du_bytes(repo)
@@ -98,7 +138,7 @@ def run_local(bins: Path, src: Path, work: Path, logs: Path) -> dict:
     return r
 
 
-def run_e2e(bins: Path, src: Path, work: Path, logs: Path) -> dict:
+def run_e2e(bins: Path, src: Path, work: Path, logs: Path, cores: Cores) -> dict:
     root = work / "e2e"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -111,7 +151,8 @@ def run_e2e(bins: Path, src: Path, work: Path, logs: Path) -> dict:
     with open(logs / "collector.log", "ab") as clog:
         coll = subprocess.Popen([str(bins / "hubvault-collector"), "run", "--data", str(data),
                                  "--listen", f"127.0.0.1:{port}"],
-                                env=env, stdout=clog, stderr=clog)
+                                env=env, stdout=clog, stderr=clog,
+                                preexec_fn=cores.collector_preexec())
     try:
         wait_listening(port, coll)
         check([str(bins / "hubvault"), "site", "add", "bench"], env)
@@ -121,8 +162,9 @@ def run_e2e(bins: Path, src: Path, work: Path, logs: Path) -> dict:
                "--state", str(state)], env)
         compare.warm(src)
         c0 = cpu_s(coll.pid)
-        r = compare.run_timed([str(bins / "hubvault-agent"), "backup", "--source", "docs",
-                               "--state", str(state), str(src)], env, logs / "agent.log")
+        with cores.office_side():
+            r = compare.run_timed([str(bins / "hubvault-agent"), "backup", "--source", "docs",
+                                   "--state", str(state), str(src)], env, logs / "agent.log")
         if r["rc"] != 0:
             raise SystemExit(f"agent backup failed, see {logs / 'agent.log'}")
         r["collector_cpu_s"] = round(cpu_s(coll.pid) - c0, 2)
@@ -149,8 +191,21 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=3, help="runs of each side per set (alternating)")
     ap.add_argument("--bins", default=str(CHECKOUT / "target" / "release"))
-    ap.add_argument("--out", default=str(SCRIPT_DIR / "results" / "latest"))
+    ap.add_argument("--out", default=None,
+                    help="results path without suffix (default results/latest, results/split-cores with --split-cores)")
+    ap.add_argument("--split-cores", action="store_true",
+                    help="local engine and agent on the first half of the cores, the collector on the rest")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(SCRIPT_DIR / "results" / ("split-cores" if args.split_cores else "latest"))
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.split_cores:
+        if len(cpus) < 2:
+            raise SystemExit("--split-cores needs at least 2 cores")
+        half = len(cpus) // 2
+        cores = Cores(set(cpus[:half]), set(cpus[half:]))
+    else:
+        cores = Cores(None, None)
     bins = Path(args.bins)
     for b in ("hubvault", "hubvault-agent", "hubvault-collector"):
         if not (bins / b).is_file():
@@ -159,6 +214,8 @@ def main() -> int:
     logs = work / "logs" / "e2e"
     logs.mkdir(parents=True, exist_ok=True)
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": args.runs,
+               "office_cores": sorted(cores.office) if cores.office else cpus,
+               "collector_cores": sorted(cores.collector) if cores.collector else cpus,
                "checkout": compare.first_line(["git", "-C", str(CHECKOUT), "rev-parse", "--short", "HEAD"]),
                "sets": {}}
     for name in args.sets.split(","):
@@ -167,8 +224,8 @@ def main() -> int:
         files, dirs, total = compare.tree_stats(src)
         local, e2e = [], []
         for i in range(args.runs):
-            local.append(run_local(bins, src, work, logs))
-            e2e.append(run_e2e(bins, src, work, logs))
+            local.append(run_local(bins, src, work, logs, cores))
+            e2e.append(run_e2e(bins, src, work, logs, cores))
             compare.log(f"{name} run {i + 1}: local {local[-1]['wall_s']:.2f} s, "
                         f"e2e {e2e[-1]['wall_s']:.2f} s, collector peak {e2e[-1]['collector_peak_rss_mib']} MiB")
         row = {
@@ -181,20 +238,26 @@ def main() -> int:
             "local_walls": [r["wall_s"] for r in local], "e2e_walls": [r["wall_s"] for r in e2e],
         }
         row["ratio"] = round(row["local_wall_s"] / row["e2e_wall_s"], 2)
+        row["local_mb_s"] = round(total / 1e6 / row["local_wall_s"], 1)
+        row["e2e_mb_s"] = round(total / 1e6 / row["e2e_wall_s"], 1)
         # Where the collector runs on its own machine (as deployed), the
         # office's cost is the agent's CPU against the local engine's.
         row["agent_cpu_ratio"] = round(row["local_cpu_s"] / row["agent_cpu_s"], 2)
         results["sets"][name] = row
     lines = [f"# hubvault end to end over loopback vs the local engine — {results['date']}", "",
-             f"- checkout {results['checkout']}; {os.cpu_count()} cores; median of {args.runs} alternating runs; "
+             f"- checkout {results['checkout']}; {os.cpu_count()} cores; "
+             + (f"split cores: local engine and agent on CPUs {sorted(cores.office)}, collector on "
+                f"{sorted(cores.collector)}; " if cores.office else "all processes share the cores; ")
+             + f"median of {args.runs} alternating runs; "
              "warm source; ratio = local wall / e2e wall (goal >= 0.8); agent CPU ratio = local CPU / agent CPU "
-             "(the agent's share when the collector has its own machine; here both share the cores)", "",
-             "| set | files | MiB | local wall s | local CPU s | e2e wall s | agent CPU s | collector CPU s "
-             "| agent RSS MiB | collector RSS MiB | ratio | agent CPU ratio | runs local / e2e |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(the agent's share when the collector has its own machine)", "",
+             "| set | files | MiB | local wall s | local MB/s | local CPU s | e2e wall s | e2e MB/s | agent CPU s "
+             "| collector CPU s | agent RSS MiB | collector RSS MiB | ratio | agent CPU ratio | runs local / e2e |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["sets"].items():
         lines.append(f"| {name} | {r['files']} | {r['bytes'] / compare.MIB:.0f} | {r['local_wall_s']:.2f} "
-                     f"| {r['local_cpu_s']:.2f} | {r['e2e_wall_s']:.2f} | {r['agent_cpu_s']:.2f} | {r['collector_cpu_s']:.2f} "
+                     f"| {r['local_mb_s']:.0f} | {r['local_cpu_s']:.2f} | {r['e2e_wall_s']:.2f} | {r['e2e_mb_s']:.0f} "
+                     f"| {r['agent_cpu_s']:.2f} | {r['collector_cpu_s']:.2f} "
                      f"| {r['agent_peak_rss_mib']:.0f} | {r['collector_peak_rss_mib']:.0f} | {r['ratio']:.2f} "
                      f"| {r['agent_cpu_ratio']:.2f} "
                      f"| {', '.join(f'{w:.2f}' for w in r['local_walls'])} / "
