@@ -131,6 +131,7 @@ fn pipeline(c: &mut Criterion) {
         path: None,
         threads: 2,
         set_owner: false,
+        sync: false,
     };
     g.bench_function("restore_full/threads2", |b| {
         b.iter_batched(

@@ -326,7 +326,10 @@ fn restore_killed_midway_is_cleaned_up_by_the_next() {
         "nothing under its real name before it is complete"
     );
     assert_eq!(temporary_entries(&target).len(), 1);
-    let again = hv.restore("latest", &target, None).expect(0);
+    // (--sync: the flush at the end runs, and is no error.)
+    let again = hv
+        .run("restore", &["latest", "--target", s(&target), "--sync"])
+        .expect(0);
     assert!(
         again.stderr.contains("removed 1 temporary entries"),
         "{}",

@@ -280,8 +280,10 @@ async fn restore_job(
         "blobs present for restore"
     );
     let out = tokio::task::spawn_blocking(move || {
+        // The job is reported done to central IT: flushed to disk first.
         let opts = repo_format::restore::RestoreOptions {
             path,
+            sync: true,
             ..Default::default()
         };
         repo_format::restore::restore_tree(&repo, &snap, &root, &target, &opts)

@@ -66,6 +66,13 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// Set owners (needs root; default: when running as root).
     pub set_owner: bool,
+    /// Flush the target's file system (`syncfs`) before returning, so that
+    /// what the restore reports as written survives a power loss. Off by
+    /// default, as in restic and borg: flushing can take longer than the
+    /// restore on a slow disk. An agent's restore job turns it on, since
+    /// its completion is reported to central IT. One call for the whole
+    /// file system rather than an fsync per file (200 000 of them).
+    pub sync: bool,
 }
 
 impl Default for RestoreOptions {
@@ -74,6 +81,7 @@ impl Default for RestoreOptions {
             path: None,
             threads: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
             set_owner: meta::is_root(),
+            sync: false,
         }
     }
 }
@@ -296,6 +304,11 @@ pub fn restore_tree(
         }
     }
     drop(root_guard);
+    if opts.sync
+        && let Err(e) = sync_file_system(target)
+    {
+        ctx.error(target, format!("flushing the restored files to disk: {e}"));
+    }
     let ctx =
         Arc::try_unwrap(ctx).map_err(|_| Error::Pipeline("restore context still shared".into()))?;
     Ok(RestoreOutcome {
@@ -306,6 +319,21 @@ pub fn restore_tree(
         warnings: ctx.warnings.into_inner().unwrap_or_default(),
         leftovers: ctx.leftovers.into_inner(),
     })
+}
+
+/// Flush the file system holding `dir` to disk: every write made before,
+/// data and metadata (renames included), is durable when this returns.
+fn sync_file_system(dir: &Path) -> std::io::Result<()> {
+    let d = File::open(dir)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        nix::unistd::syncfs(&d).map_err(std::io::Error::from)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        nix::unistd::sync();
+        d.sync_all()
+    }
 }
 
 /// Find the entry at `path` ("a/b/c") below tree `root`.

@@ -148,6 +148,7 @@ pub fn restore_options() -> RestoreOptions {
         path: None,
         threads: 2,
         set_owner: repo_format::meta::is_root(),
+        sync: false,
     }
 }
 

@@ -91,6 +91,10 @@ pub(crate) enum RepoCommand {
         /// Writer threads (default: twice the number of cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Flush the target's file system before exiting, so the restored
+        /// files survive a power loss once the command has succeeded.
+        #[arg(long)]
+        sync: bool,
     },
     /// Check the repository's structure (and with --read-data, every blob).
     Check {
@@ -182,7 +186,8 @@ pub(crate) fn run(cmd: RepoCommand) -> Result<ExitCode> {
             target,
             path,
             threads,
-        } => restore(&repo, &snapshot, target, path, threads),
+            sync,
+        } => restore(&repo, &snapshot, target, path, threads, sync),
         RepoCommand::Check {
             repo,
             read_data,
@@ -392,10 +397,12 @@ fn restore(
     target: PathBuf,
     path: Option<String>,
     threads: Option<usize>,
+    sync: bool,
 ) -> Result<ExitCode> {
     let repo = open(a, LockMode::Shared)?;
     let mut opts = RestoreOptions {
         path,
+        sync,
         ..Default::default()
     };
     if let Some(t) = threads {
