@@ -78,13 +78,18 @@ const CHUNK_BATCH: usize = 16 * 1024;
 /// (state.db) and the catalog's kinds (catalog.db) are read at the same
 /// time on two threads, each batch in key order. On a 200 000-file first
 /// backup the agent waits idle for this check, so both cores are free.
+///
+/// Each distinct tree is checked once: identical directories share a tree
+/// id, and a crafted snapshot can name one subtree twice at every level
+/// (41 trees of two entries each would otherwise be 2^41 visits).
 fn verify_tree(ctx: &Ctx, site: &str, root: &Id) -> Result<Vec<Vec<u8>>, ServiceError> {
     let mut checked = Vec::new();
+    let mut seen: std::collections::HashSet<Id> = std::collections::HashSet::new();
     let mut stack = vec![*root];
     // (chunk, the tree that lists it), for the error message.
     let mut pending: Vec<(Id, Id)> = Vec::new();
     while let Some(t) = stack.pop() {
-        if ctx.state.tree_verified(site, &t.0)? {
+        if !seen.insert(t) || ctx.state.tree_verified(site, &t.0)? {
             continue;
         }
         require(ctx, site, &[(t, t)], BlobKind::Tree)?;

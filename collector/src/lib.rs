@@ -32,6 +32,7 @@ pub mod ingest;
 pub mod init;
 pub mod pki;
 pub mod policy;
+pub mod reads;
 pub mod retention;
 pub mod server;
 pub mod service;
@@ -70,6 +71,8 @@ pub struct Ctx {
     pub sessions: Mutex<HashMap<String, CommandSender>>,
     /// Per-agent limits on uploads in flight.
     pub uploads: Arc<budget::Budgets>,
+    /// Per-agent limits on blob reads in flight.
+    pub reads: Arc<reads::ReadSlots>,
     /// Repository parameters agents need.
     pub repo_params: pb::RepoParams,
     /// The repository (metadata keys only: trees readable, content not).

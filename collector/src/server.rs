@@ -65,6 +65,7 @@ pub fn load(data: &Path) -> Result<Arc<Ctx>, ServiceError> {
         revoked: Arc::new(Revoked::new(serials)),
         sessions: Mutex::new(Default::default()),
         uploads: Default::default(),
+        reads: Default::default(),
         repo_params: pb::RepoParams {
             chunk_min: cfg.chunker.min,
             chunk_avg: cfg.chunker.avg,

@@ -830,6 +830,179 @@ fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
     });
 }
 
+/// A tree blob an agent crafts: `entries` encoded and sealed under the
+/// spool's metadata key, ready to upload; and its id.
+fn crafted_tree(
+    spool: &repo_format::Repository,
+    entries: &[repo_format::tree::Entry],
+) -> (repo_format::Id, pb::UploadBlob) {
+    let keys = spool.keys();
+    let mut sealer = repo_format::blob::Sealer::new(spool.config().zstd_level).expect("sealer");
+    let body = repo_format::tree::encode(entries).expect("encode");
+    let id = keys.metadata.id_of(&body);
+    let sealed = sealer
+        .seal(
+            &keys.metadata,
+            repo_format::blob::BlobKind::Tree,
+            &id,
+            &body,
+        )
+        .expect("seal tree");
+    let blob = pb::UploadBlob {
+        kind: 1,
+        id: id.0.to_vec(),
+        sealed,
+        raw_length: body.len() as u32,
+    };
+    (id, blob)
+}
+
+/// A snapshot whose trees name one subtree twice at every level (T_k =
+/// {a: T_k-1, b: T_k-1}, 40 levels: 2^40 paths from 41 small trees) is
+/// verified at commit by checking each distinct tree once. Walked path by
+/// path, as the commit check did, it would not finish in any time: an
+/// enrolled agent could tie up the collector's blocking threads and memory.
+#[test]
+fn a_commit_naming_one_subtree_many_times_checks_each_tree_once() {
+    let (c, tmp, _paris, lyon) = paris_and_lyon();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("f.txt"), b"lyon").expect("write");
+    assert!(agent_backup(&lyon, &src).status.success());
+    let spool = open_spool(&lyon);
+    let (_, snap) = spool.find_snapshot("latest").expect("snap");
+    // The backed-up tree (known to the site) is the bottom level.
+    let mut below = snap.tree;
+    let mut blobs = Vec::new();
+    for _ in 0..40 {
+        let dir = |name: &[u8]| {
+            let mut e =
+                repo_format::tree::Entry::new(name.to_vec(), repo_format::tree::EntryKind::Dir);
+            e.mode = 0o755;
+            e.subtree = Some(below);
+            e
+        };
+        let (id, blob) = crafted_tree(&spool, &[dir(b"a"), dir(b"b")]);
+        blobs.push(blob);
+        below = id;
+    }
+    drop(spool);
+    rt().block_on(async {
+        use tokio_stream::StreamExt;
+        let ch = c.channel(Some((&lyon, "agent"))).await.expect("connects");
+        let mut l = pb::agent_service_client::AgentServiceClient::new(ch);
+        let sent = pb::UploadRequest {
+            protocol: PROTOCOL,
+            blobs,
+        };
+        let acks: Vec<pb::UploadAck> = l
+            .upload(tokio_stream::iter(vec![sent]))
+            .await
+            .expect("upload")
+            .into_inner()
+            .map(|a| a.expect("ack"))
+            .collect()
+            .await;
+        assert_eq!(acks.iter().map(|a| a.ids.len()).sum::<usize>(), 40);
+        // A bound for a hang, not a speed assertion: the check takes
+        // milliseconds; path by path it would take longer than the universe.
+        let commit = l.commit_snapshot(pb::CommitSnapshotRequest {
+            protocol: PROTOCOL,
+            idempotency_key: vec![7; 16],
+            source: "x".into(),
+            root_tree: below.0.to_vec(),
+            ..Default::default()
+        });
+        tokio::time::timeout(Duration::from_secs(60), commit)
+            .await
+            .expect("the commit check finishes")
+            .expect("every tree and chunk is the site's: it commits");
+    });
+}
+
+/// An agent may hold a bounded number of blob-read streams open: one that
+/// opens many and reads none of them gets `RESOURCE_EXHAUSTED` past the
+/// cap (each open stream holds only its own few MiB at the collector), and
+/// a stream it gives up frees its slot.
+#[test]
+fn one_agent_gets_a_bounded_number_of_read_streams() {
+    let (c, tmp, _paris, lyon) = paris_and_lyon();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let mut big = vec![0u8; 3 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in big.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(src.join("big.bin"), &big).expect("write");
+    assert!(agent_backup(&lyon, &src).status.success());
+    let spool = open_spool(&lyon);
+    let (_, snap) = spool.find_snapshot("latest").expect("snap");
+    let top = spool.read_tree(&snap.tree).expect("tree");
+    let files = spool
+        .read_tree(&top[0].subtree.expect("dir"))
+        .expect("tree");
+    let chunk = files[0].chunks[0];
+    drop(spool);
+    rt().block_on(async {
+        let ch = c.channel(Some((&lyon, "agent"))).await.expect("connects");
+        let l = pb::agent_service_client::AgentServiceClient::new(ch);
+        // Each asks for the same ~1 MiB chunk 4096 times and is never read.
+        let open = |l: &pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>| {
+            let mut l = l.clone();
+            async move {
+                l.read_blobs(pb::ReadBlobsRequest {
+                    protocol: PROTOCOL,
+                    job_id: 0,
+                    ids: vec![chunk.0.to_vec(); 4096],
+                })
+                .await
+            }
+        };
+        let mut held = Vec::new();
+        for i in 0..collector::reads::MAX_READ_STREAMS {
+            held.push(
+                open(&l)
+                    .await
+                    .unwrap_or_else(|e| panic!("stream {i}: {e:?}")),
+            );
+        }
+        let refused = open(&l).await.expect_err("one stream over the cap");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains("read streams open"),
+            "{refused:?}"
+        );
+        // Reading one shows the streams serve; giving it up frees a slot.
+        let mut first = held.remove(0).into_inner();
+        let b = first.message().await.expect("read").expect("a blob");
+        assert_eq!(b.id, chunk.0.to_vec());
+        drop(first);
+        // The slot goes when the collector's side of the stream sees the
+        // stream gone: soon, not at once.
+        let start = Instant::now();
+        let again = loop {
+            match open(&l).await {
+                Ok(s) => break s,
+                Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}"),
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the slot of a dropped stream was never freed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        drop((again, held));
+    });
+}
+
 #[test]
 fn sites_are_isolated_and_commits_are_verified() {
     let (c, _tmp, _paris, lyon, root, chunk) = paris_backed_up_a_secret();

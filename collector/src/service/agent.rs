@@ -19,7 +19,7 @@ use repo_format::Id;
 use crate::error::ServiceError;
 use crate::pki::Role;
 use crate::service::caller;
-use crate::{Ctx, commit, ingest};
+use crate::{Ctx, commit, ingest, reads};
 
 /// The agent service.
 pub struct AgentSvc {
@@ -315,22 +315,37 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         &self,
         req: Request<pb::ReadBlobsRequest>,
     ) -> Result<Response<Self::ReadBlobsStream>, Status> {
-        let (site, _) = agent_of(&req)?;
+        let who = caller(&req)?;
+        let Role::Agent { site, agent_id } = who.role else {
+            return Err(Status::permission_denied("agents only"));
+        };
         let r = req.into_inner();
         convert::protocol(r.protocol).map_err(ServiceError::from)?;
         let ids = convert::ids("ids", &r.ids).map_err(ServiceError::from)?;
-        let (tx, rx) = mpsc::channel(8);
+        // Bounded per agent and per stream (see `reads`): what a stream has
+        // read waits here with its share of `queued`, given back as the
+        // transport takes each blob.
+        let slot = self.ctx.reads.open(&agent_id)?;
+        let queued = Arc::new(tokio::sync::Semaphore::new(reads::STREAM_BYTES));
+        type Held = (pb::BlobData, tokio::sync::OwnedSemaphorePermit);
+        let (tx, rx) = mpsc::channel::<Result<Held, Status>>(64);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            for chunk in ids.chunks(64) {
-                let chunk = chunk.to_vec();
+            let _slot = slot;
+            let mut next = 0;
+            while next < ids.len() {
+                let chunk = ids[next..ids.len().min(next + 64)].to_vec();
                 let site = site.clone();
                 let res = ctx
                     .blocking(move |c| {
                         let raw: Vec<Vec<u8>> = chunk.iter().map(|i| i.0.to_vec()).collect();
                         let held = c.state.site_has(&site, &raw)?;
                         let mut out = Vec::new();
+                        let mut bytes = 0usize;
                         for (id, held) in chunk.into_iter().zip(held) {
+                            if bytes >= reads::STEP_BYTES {
+                                break; // the rest in the next step
+                            }
                             // Same answer for "another site's" and "nowhere": no oracle.
                             let loc = if held {
                                 c.repo.catalog()?.lookup(&id)?
@@ -341,6 +356,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                 loc.ok_or_else(|| ServiceError::NotFound(format!("blob {id}")))?;
                             let mut sealed = vec![0u8; loc.length as usize];
                             c.repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
+                            bytes += sealed.len();
                             out.push(pb::BlobData {
                                 id: id.0.to_vec(),
                                 kind: loc.kind as u32,
@@ -352,8 +368,13 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                     .await;
                 match res {
                     Ok(list) => {
+                        next += list.len();
                         for b in list {
-                            if tx.send(Ok(b)).await.is_err() {
+                            let n = b.sealed.len().clamp(1, reads::STREAM_BYTES) as u32;
+                            let Ok(room) = queued.clone().acquire_many_owned(n).await else {
+                                return;
+                            };
+                            if tx.send(Ok((b, room))).await.is_err() {
                                 return;
                             }
                         }
@@ -365,7 +386,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The permit goes when the transport takes the blob.
+        let out = ReceiverStream::new(rx).map(|r| r.map(|(blob, _room)| blob));
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn renew(
