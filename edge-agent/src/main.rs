@@ -122,7 +122,7 @@ fn main() -> Result<()> {
         } => {
             let st = StateDir::new(&state);
             let opts = ControlOptions {
-                heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
+                heartbeat: Duration::from_secs(heartbeat_secs.clamp(1, 86_400)),
                 sources: edge_agent::sources::SourcesOptions {
                     watch_limit: max_watches,
                     unwatched_scan: Some(Duration::from_secs(unwatched_scan_secs.max(1))),

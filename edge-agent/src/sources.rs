@@ -39,6 +39,9 @@ use crate::watch::WatchHub;
 const DEFAULT_QUIET_MS: u32 = 1000;
 const DEFAULT_MAX_DELAY_MS: u32 = 5000;
 const DEFAULT_RECONCILE_SECS: u64 = 86_400;
+/// Longest reconcile or rescan period honoured (ten years): longer ones
+/// would overflow `Instant` arithmetic.
+const MAX_PERIOD: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// Options of the source manager.
 #[derive(Debug, Clone, Default)]
@@ -374,8 +377,15 @@ impl Sources {
         } else {
             src.reconcile_secs
         });
+        // Periods come from the collector (capped at a year there) and the
+        // state file: bounded again here, as an Instant past its range panics.
+        let reconcile = reconcile.min(MAX_PERIOD);
         let mut next_reconcile = Instant::now() + reconcile;
-        let fallback = self.opts.unwatched_scan.unwrap_or(Duration::from_secs(60));
+        let fallback = self
+            .opts
+            .unwatched_scan
+            .unwrap_or(Duration::from_secs(60))
+            .min(MAX_PERIOD);
         let mut next_fallback = Instant::now() + fallback;
         let mut backoff = Duration::from_secs(1);
         loop {

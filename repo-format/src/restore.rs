@@ -268,7 +268,7 @@ pub fn restore_tree(
     // Each directory's small files go to one worker (round robin over
     // directories): two threads creating and renaming in the same directory
     // spin on its lock. Large files go to a shared queue any worker takes.
-    let threads = opts.threads.max(1);
+    let threads = opts.threads.clamp(1, MAX_THREADS);
     let (shared_tx, shared_rx) = bounded::<FileJob>(threads * 4);
     let mut own_txs = Vec::new();
     let mut links: Vec<HardLink> = Vec::new();
@@ -278,7 +278,15 @@ pub fn restore_tree(
             own_txs.push(tx);
             let shared = shared_rx.clone();
             let ctx = ctx.clone();
-            s.spawn(move || file_worker(repo, rx, shared, &ctx));
+            let started = std::thread::Builder::new()
+                .name("restore-writer".into())
+                .spawn_scoped(s, move || file_worker(repo, rx, shared, &ctx));
+            if let Err(e) = started {
+                // Close the queues so the writers already started end and
+                // the scope can join them.
+                own_txs.clear();
+                return Err(Error::Pipeline(format!("starting a restore thread: {e}")));
+            }
         }
         drop(shared_rx);
         let mut w = TreeWalk {
@@ -637,6 +645,9 @@ fn replace_with(
         let _ = std::fs::remove_file(&tmp);
     })
 }
+
+/// Most writer threads a restore starts, whatever it is asked for.
+const MAX_THREADS: usize = 256;
 
 /// Files at least this large go to the shared queue (restored in parallel).
 const LARGE_FILE: u64 = 4 * 1024 * 1024;

@@ -36,9 +36,12 @@ struct Span {
 
 impl Span {
     fn holds(&self, pack: &Id, offset: u64, len: usize) -> bool {
+        // Checked: an offset from a damaged catalog row may be near u64::MAX.
         self.pack == *pack
             && offset >= self.start
-            && offset + len as u64 <= self.start + self.bytes.len() as u64
+            && offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.start + self.bytes.len() as u64)
     }
 }
 
@@ -68,7 +71,11 @@ impl SpanCache {
             return Ok(());
         }
         let start = offset - offset % SPAN;
-        let need = offset + out.len() as u64;
+        // A range past what any pack can hold (a damaged catalog row) is
+        // the store's to refuse, without a span.
+        let Some(need) = offset.checked_add(out.len() as u64) else {
+            return store.read_at(pack, offset, out);
+        };
         // To the span's end, or the blob's if it crosses it, but not past
         // the pack's end (a short read is an error to read_span).
         let size = store.size(pack)?;
@@ -176,5 +183,11 @@ mod tests {
         // A range past the pack's end is an error, not a short copy.
         let mut out = vec![0u8; 10];
         assert!(cache.read(&store, &b, 4995, &mut out).is_err());
+        // Offsets near u64::MAX (a damaged catalog row) are errors too, with
+        // spans of that pack cached or not: no overflow, no panic.
+        for off in [u64::MAX - 5, u64::MAX - SPAN, (i64::MAX as u64) + 1] {
+            assert!(cache.read(&store, &b, off, &mut out).is_err(), "{off}");
+            assert!(cache.read(&store, &a, off, &mut out).is_err(), "{off}");
+        }
     }
 }

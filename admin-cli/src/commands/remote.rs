@@ -916,7 +916,7 @@ pub(crate) fn snapshots(
         for s in &snaps {
             println!(
                 "{:<10} {:<19}  {:<10} {:<16} {:<10} {:>8} {:>10} {:>10}{}",
-                &hex(&s.id)[..8],
+                hex(&s.id).get(..8).unwrap_or("?"),
                 time(s.time_ns),
                 s.site,
                 s.agent_id,
