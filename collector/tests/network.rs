@@ -1003,6 +1003,202 @@ fn one_agent_gets_a_bounded_number_of_read_streams() {
     });
 }
 
+/// A retried commit returns the same snapshot, also after the collector
+/// was killed (-9) and restarted between the tries; one snapshot is made,
+/// timed by the collector's clock.
+#[test]
+fn a_retried_commit_returns_the_same_snapshot_across_a_collector_crash() {
+    let (mut c, tmp, _paris, lyon) = paris_and_lyon();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("f.txt"), b"lyon").expect("write");
+    assert!(agent_backup(&lyon, &src).status.success());
+    let (_, snap) = open_spool(&lyon).find_snapshot("latest").expect("snap");
+    let before_ids = c.snapshot_ids();
+    let commit = |c: &Collector| {
+        let lyon = lyon.clone();
+        rt().block_on(async {
+            let ch = c.channel(Some((&lyon, "agent"))).await.expect("connects");
+            pb::agent_service_client::AgentServiceClient::new(ch)
+                .commit_snapshot(pb::CommitSnapshotRequest {
+                    protocol: PROTOCOL,
+                    idempotency_key: vec![42; 16],
+                    source: "retried".into(),
+                    root_tree: snap.tree.0.to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .expect("commit")
+                .into_inner()
+        })
+    };
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos() as i64
+    };
+    let t0 = now_ns();
+    let first = commit(&c);
+    let t1 = now_ns();
+    assert!(
+        (t0..=t1).contains(&first.time_ns),
+        "the snapshot's time is the collector's, at the commit"
+    );
+    let second = commit(&c);
+    c.child.kill().expect("kill -9");
+    let _ = c.child.wait();
+    c.restart();
+    let third = commit(&c);
+    for again in [&second, &third] {
+        assert_eq!(again.snapshot_id, first.snapshot_id);
+        assert_eq!(again.time_ns, first.time_ns);
+    }
+    let after_ids = c.snapshot_ids();
+    assert_eq!(after_ids.len(), before_ids.len() + 1, "{after_ids:?}");
+    c.check_repo();
+}
+
+/// An agent's certificate opens no admin call: every one of them answers
+/// PERMISSION_DENIED to it, and nothing changes.
+#[test]
+fn an_agent_certificate_is_refused_by_every_admin_call() {
+    let (c, _tmp, _paris, lyon) = paris_and_lyon();
+    let paris_id = c
+        .agents()
+        .into_iter()
+        .find(|a| a["site"] == "paris")
+        .and_then(|a| a["id"].as_str().map(String::from))
+        .expect("paris's agent");
+    let before = (c.snapshot_ids(), c.agents().len());
+    rt().block_on(async {
+        let ch = c.channel(Some((&lyon, "agent"))).await.expect("connects");
+        let a = pb::admin_service_client::AdminServiceClient::new(ch);
+        let p = PROTOCOL;
+        let mut results: Vec<(&str, Result<(), tonic::Status>)> = Vec::new();
+        macro_rules! call {
+            ($name:literal, $method:ident, $req:expr) => {{
+                let mut a = a.clone();
+                results.push(($name, a.$method($req).await.map(|_| ())));
+            }};
+        }
+        call!(
+            "add_site",
+            add_site,
+            pb::AddSiteRequest {
+                protocol: p,
+                name: "evil".into(),
+                ..Default::default()
+            }
+        );
+        call!(
+            "create_enroll_token",
+            create_enroll_token,
+            pb::CreateEnrollTokenRequest {
+                protocol: p,
+                site: "lyon".into(),
+                ..Default::default()
+            }
+        );
+        call!(
+            "list_agents",
+            list_agents,
+            pb::ListAgentsRequest {
+                protocol: p,
+                ..Default::default()
+            }
+        );
+        call!(
+            "status",
+            status,
+            pb::StatusRequest {
+                protocol: p,
+                ..Default::default()
+            }
+        );
+        call!(
+            "revoke_agent",
+            revoke_agent,
+            pb::RevokeAgentRequest {
+                protocol: p,
+                agent_id: paris_id.clone(),
+                ..Default::default()
+            }
+        );
+        call!(
+            "list_snapshots",
+            list_snapshots,
+            pb::ListSnapshotsRequest {
+                protocol: p,
+                ..Default::default()
+            }
+        );
+        call!(
+            "restore",
+            restore,
+            pb::RestoreRequest {
+                protocol: p,
+                to_agent: paris_id.clone(),
+                ..Default::default()
+            }
+        );
+        call!(
+            "list_jobs",
+            list_jobs,
+            pb::ListJobsRequest {
+                protocol: p,
+                ..Default::default()
+            }
+        );
+        call!(
+            "add_source",
+            add_source,
+            pb::AddSourceRequest {
+                protocol: p,
+                agent_id: paris_id.clone(),
+                ..Default::default()
+            }
+        );
+        call!(
+            "backup_now",
+            backup_now,
+            pb::BackupNowRequest {
+                protocol: p,
+                agent_id: paris_id.clone(),
+                ..Default::default()
+            }
+        );
+        call!(
+            "set_policy",
+            set_policy,
+            pb::SetPolicyRequest {
+                protocol: p,
+                ..Default::default()
+            }
+        );
+        call!(
+            "prune",
+            prune,
+            pb::PruneRequest {
+                protocol: p,
+                ..Default::default()
+            }
+        );
+        for (name, r) in results {
+            let e = r.expect_err(name);
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{name}: {e:?}");
+        }
+    });
+    assert_eq!((c.snapshot_ids(), c.agents().len()), before);
+    assert!(
+        c.agents()
+            .iter()
+            .all(|a| a["revoked"] != serde_json::Value::Bool(true)),
+        "{:?}",
+        c.agents()
+    );
+}
+
 #[test]
 fn sites_are_isolated_and_commits_are_verified() {
     let (c, _tmp, _paris, lyon, root, chunk) = paris_backed_up_a_secret();
