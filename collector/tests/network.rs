@@ -1088,7 +1088,6 @@ fn an_agent_certificate_is_refused_by_every_admin_call() {
             pb::AddSiteRequest {
                 protocol: p,
                 name: "evil".into(),
-                ..Default::default()
             }
         );
         call!(
@@ -1103,26 +1102,15 @@ fn an_agent_certificate_is_refused_by_every_admin_call() {
         call!(
             "list_agents",
             list_agents,
-            pb::ListAgentsRequest {
-                protocol: p,
-                ..Default::default()
-            }
+            pb::ListAgentsRequest { protocol: p }
         );
-        call!(
-            "status",
-            status,
-            pb::StatusRequest {
-                protocol: p,
-                ..Default::default()
-            }
-        );
+        call!("status", status, pb::StatusRequest { protocol: p });
         call!(
             "revoke_agent",
             revoke_agent,
             pb::RevokeAgentRequest {
                 protocol: p,
                 agent_id: paris_id.clone(),
-                ..Default::default()
             }
         );
         call!(
