@@ -553,8 +553,22 @@ fn collector_killed_mid_upload_then_resumed_without_resending() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("backup");
-    // Kill -9 the collector as soon as its first pack is durable.
-    wait_for("first pack at the collector", || c.pack_count() >= 1);
+    // Kill -9 the collector once its first batch is durable *and* held by
+    // the site. A pack file alone is not enough: the kill could land after
+    // its rename and before its catalog and holdings rows commit, and then
+    // every blob is rightly sent again (seen once on a loaded CI machine).
+    // A stream's batches are ingested one after the other, the next only
+    // once the previous is committed and acknowledged, so a second pack
+    // means the first batch is complete. Polled often: the whole upload
+    // takes a fraction of a second.
+    let start = Instant::now();
+    while c.pack_count() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for the second pack at the collector"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     c.child.kill().expect("kill -9");
     let _ = c.child.wait();
     let first = up.wait_with_output().expect("backup ends");
