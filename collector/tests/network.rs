@@ -776,31 +776,13 @@ fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
             .expect("seal"),
         raw_length: plain.len() as u32,
     };
-    let mut tree_of = |chunk: repo_format::Id| {
+    let tree_of = |chunk: repo_format::Id| {
         let mut e =
             repo_format::tree::Entry::new(b"f.txt".to_vec(), repo_format::tree::EntryKind::File);
         e.mode = 0o644;
         e.size = plain.len() as u64;
         e.chunks = vec![chunk];
-        let body = repo_format::tree::encode(&[e]).expect("encode");
-        let id = keys.metadata.id_of(&body);
-        let sealed = sealer
-            .seal(
-                &keys.metadata,
-                repo_format::blob::BlobKind::Tree,
-                &id,
-                &body,
-            )
-            .expect("seal tree");
-        (
-            id,
-            pb::UploadBlob {
-                kind: 1,
-                id: id.0.to_vec(),
-                sealed,
-                raw_length: body.len() as u32,
-            },
-        )
+        crafted_tree(&spool, &[e])
     };
     let (good, good_blob) = tree_of(own_chunk);
     let (bad, bad_blob) = tree_of(paris_chunk);
