@@ -34,6 +34,7 @@ Python 3.11 standard library only; release binaries from target/release
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -98,21 +99,19 @@ class Cores:
     def __init__(self, office: set[int] | None, collector: set[int] | None):
         self.office, self.collector = office, collector
 
+    @contextlib.contextmanager
     def office_side(self):
-        """Context: children started through compare's spawner inherit the office cores."""
-        cores = self
-
-        class _Pin:
-            def __enter__(self):
-                if cores.office is not None:
-                    compare.Spawner.start()
-                    os.sched_setaffinity(compare.Spawner._proc.pid, cores.office)
-
-            def __exit__(self, *exc):
-                if cores.office is not None:
-                    os.sched_setaffinity(compare.Spawner._proc.pid, os.sched_getaffinity(0))
-
-        return _Pin()
+        """Children started through compare's spawner inherit the office cores."""
+        if self.office is None:
+            yield
+            return
+        compare.Spawner.start()
+        pid = compare.Spawner._proc.pid
+        os.sched_setaffinity(pid, self.office)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(pid, os.sched_getaffinity(0))
 
     def collector_preexec(self):
         """For Popen: pin the collector before exec, so all its threads are."""
