@@ -38,14 +38,30 @@ pub struct CommitRequest {
 }
 
 /// Verify and commit; returns (snapshot id, collector time).
+///
+/// The key's record goes into state.db before the snapshot is written
+/// (to the repository, whose catalog is another database): a crash
+/// between the two leaves a record without a snapshot, and the retry
+/// finishes that commit, with the time the first attempt chose, so the
+/// agent's retries converge on one snapshot. The other order would leave
+/// a snapshot without a record, and the retry would make a second one.
 pub fn commit(ctx: &Ctx, r: CommitRequest) -> Result<(Id, i64), ServiceError> {
-    if let Some((snap, time)) = ctx.state.commit_of(&r.agent_id, &r.key)? {
-        let id = Id::from_slice(&snap)
-            .ok_or_else(|| ServiceError::Internal("stored snapshot id".into()))?;
-        return Ok((id, time));
-    }
+    let earlier = match ctx.state.commit_of(&r.agent_id, &r.key)? {
+        Some((snap, time)) => {
+            let id = stored_id(&snap)?;
+            if ctx.repo.has_snapshot(&id)? {
+                return Ok((id, time));
+            }
+            tracing::info!(snapshot = %id.short(), agent = %r.agent_id,
+                "finishing a commit an earlier attempt left unwritten");
+            Some((id, time))
+        }
+        None => None,
+    };
     let verified = verify_tree(ctx, &r.site, &r.root)?;
-    let time_ns = now_ns();
+    let time_ns = earlier.map_or_else(now_ns, |(_, t)| t);
+    let site = r.site.clone();
+    let agent_id = r.agent_id.clone();
     let snap = Snapshot {
         time_ns,
         hostname: r.hostname,
@@ -55,16 +71,33 @@ pub fn commit(ctx: &Ctx, r: CommitRequest) -> Result<(Id, i64), ServiceError> {
         stats: r.stats,
         issues: r.issues,
         issues_dropped: 0,
-        site: Some(r.site.clone()),
-        agent: Some(r.agent_id.clone()),
+        site: Some(r.site),
+        agent: Some(r.agent_id),
         source: Some(r.source),
     };
-    let id = ctx.repo.commit_snapshot(&snap)?;
-    ctx.state.add_verified_trees(&r.site, &verified)?;
-    ctx.state
-        .record_commit(&r.agent_id, &r.key, &id.0, time_ns)?;
-    tracing::info!(snapshot = %id.short(), site = %r.site, agent = %r.agent_id, "snapshot committed");
+    let id = ctx.repo.snapshot_id(&snap)?;
+    match earlier {
+        None => {
+            if !ctx
+                .state
+                .reserve_commit(&agent_id, &r.key, &id.0, time_ns)?
+            {
+                return Err(ServiceError::Exhausted(
+                    "a commit with this idempotency key is in progress; retry".into(),
+                ));
+            }
+        }
+        Some((was, _)) if was != id => ctx.state.repoint_commit(&agent_id, &r.key, &id.0)?,
+        Some(_) => {}
+    }
+    ctx.repo.commit_snapshot(&snap)?;
+    ctx.state.add_verified_trees(&site, &verified)?;
+    tracing::info!(snapshot = %id.short(), site = %site, agent = %agent_id, "snapshot committed");
     Ok((id, time_ns))
+}
+
+fn stored_id(raw: &[u8]) -> Result<Id, ServiceError> {
+    Id::from_slice(raw).ok_or_else(|| ServiceError::Internal("stored snapshot id".into()))
 }
 
 /// Chunks gathered (from as many trees as it takes) before they are
@@ -161,4 +194,94 @@ fn require(ctx: &Ctx, site: &str, ids: &[(Id, Id)], kind: BlobKind) -> Result<()
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The crash windows of a commit, made by removing what a crash would
+    //! not have written: the records it leaves are the same.
+    use super::*;
+    use repo_format::keyring::KdfParams;
+
+    fn collector() -> (tempfile::TempDir, std::sync::Arc<Ctx>) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        crate::init::init(&data, &[], KdfParams::with_memory_kib(Some(64))).expect("init");
+        let ctx = crate::server::load(&data).expect("load");
+        (tmp, ctx)
+    }
+
+    /// A request for an empty root tree the site has verified already, so
+    /// the commit needs no uploaded blob.
+    fn request(ctx: &Ctx, key: u8) -> CommitRequest {
+        let root = Id([7; 32]);
+        ctx.state
+            .add_verified_trees("paris", &[root.0.to_vec()])
+            .expect("verified tree");
+        CommitRequest {
+            site: "paris".into(),
+            agent_id: "agent-1".into(),
+            key: vec![key; 16],
+            source: "docs".into(),
+            root,
+            paths: vec!["/srv/docs".into()],
+            hostname: "paris-fs".into(),
+            stats: SnapshotStats::default(),
+            issues: vec![],
+        }
+    }
+
+    fn snapshot_count(ctx: &Ctx) -> usize {
+        ctx.repo.snapshots().expect("snapshots").len()
+    }
+
+    #[test]
+    fn a_retry_finishes_a_commit_cut_short_before_its_snapshot_was_written() {
+        let (_tmp, ctx) = collector();
+        let (id, time) = commit(&ctx, request(&ctx, 1)).expect("commit");
+        // The state a crash right after the reservation leaves: the record,
+        // no snapshot file, no catalog row.
+        ctx.repo.forget_snapshot(&id).expect("unwrite");
+        assert_eq!(snapshot_count(&ctx), 0);
+        assert_eq!(commit(&ctx, request(&ctx, 1)).expect("retry"), (id, time));
+        assert_eq!(snapshot_count(&ctx), 1);
+        let (got, snap) = ctx.repo.find_snapshot("latest").expect("latest");
+        assert_eq!((got, snap.time_ns), (id, time));
+        assert_eq!(commit(&ctx, request(&ctx, 1)).expect("again"), (id, time));
+        assert_eq!(snapshot_count(&ctx), 1);
+    }
+
+    #[test]
+    fn a_retry_finishes_a_commit_cut_short_before_its_catalog_row() {
+        let (_tmp, ctx) = collector();
+        let (id, time) = commit(&ctx, request(&ctx, 2)).expect("commit");
+        // File written, row not: what a crash inside `commit_snapshot` leaves.
+        assert!(
+            ctx.repo
+                .catalog()
+                .expect("catalog")
+                .delete_snapshot(&id)
+                .expect("delete")
+        );
+        assert_eq!(commit(&ctx, request(&ctx, 2)).expect("retry"), (id, time));
+        assert_eq!(snapshot_count(&ctx), 1);
+        ctx.repo.find_snapshot(&id.to_hex()).expect("readable");
+    }
+
+    #[test]
+    fn another_key_makes_another_snapshot_and_a_forgotten_one_stays_forgotten() {
+        let (_tmp, ctx) = collector();
+        let (a, _) = commit(&ctx, request(&ctx, 3)).expect("commit a");
+        let (b, _) = commit(&ctx, request(&ctx, 4)).expect("commit b");
+        assert_ne!(a, b);
+        assert_eq!(snapshot_count(&ctx), 2);
+        // Prune's order: the record, then the snapshot.
+        ctx.state.forget_snapshot(&a.0).expect("forget record");
+        ctx.repo.forget_snapshot(&a).expect("forget snapshot");
+        let (again, _) = commit(&ctx, request(&ctx, 3)).expect("late retry");
+        assert_ne!(
+            again, a,
+            "a late retry makes a new snapshot, not the forgotten one"
+        );
+    }
 }

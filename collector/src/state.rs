@@ -502,17 +502,35 @@ impl State {
             .optional()?)
     }
 
-    /// Remember a commit's result for retries.
-    pub fn record_commit(
+    /// Record, before the snapshot is written, what a commit with this key
+    /// will produce, so that a retry after a crash finishes that commit
+    /// instead of making a second snapshot. False when a row for the key
+    /// exists already (a concurrent call with the same key got there first).
+    pub fn reserve_commit(
         &self,
         agent_id: &str,
         key: &[u8],
         snapshot: &[u8],
         time_ns: i64,
-    ) -> Result<(), ServiceError> {
-        self.conn()?.execute(
+    ) -> Result<bool, ServiceError> {
+        let n = self.conn()?.execute(
             "INSERT OR IGNORE INTO commits(agent_id, key, snapshot, time_ns) VALUES (?1, ?2, ?3, ?4)",
             params![agent_id, key, snapshot, time_ns],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Point the record of an unfinished commit at another snapshot id (the
+    /// retry that finishes it asked for something else under the same key).
+    pub fn repoint_commit(
+        &self,
+        agent_id: &str,
+        key: &[u8],
+        snapshot: &[u8],
+    ) -> Result<(), ServiceError> {
+        self.conn()?.execute(
+            "UPDATE commits SET snapshot = ?3 WHERE agent_id = ?1 AND key = ?2",
+            params![agent_id, key, snapshot],
         )?;
         Ok(())
     }

@@ -285,7 +285,20 @@ impl Repository {
         Ok(first)
     }
 
+    /// The id [`Repository::commit_snapshot`] will give `snap`.
+    pub fn snapshot_id(&self, snap: &Snapshot) -> Result<Id> {
+        snapshot::id(&self.keys.metadata, snap)
+    }
+
+    /// True when snapshot `id` is committed (its catalog row exists: the
+    /// row is written after the file, so it implies the file).
+    pub fn has_snapshot(&self, id: &Id) -> Result<bool> {
+        Ok(self.catalog()?.snapshot(id)?.is_some())
+    }
+
     /// Write a snapshot file durably, then record it in the catalog: the commit point.
+    /// Idempotent: writing the same snapshot again replaces the file with
+    /// an identical one and keeps the row.
     pub fn commit_snapshot(&self, snap: &Snapshot) -> Result<Id> {
         let id = snapshot::write(&self.snapshots_dir(), &self.keys.metadata, snap)?;
         self.catalog()?.insert_snapshot(&id, snap)?;

@@ -96,9 +96,20 @@ fn aad(id: &Id) -> Vec<u8> {
     a
 }
 
+/// The id `snap` gets when written: the keyed hash of its serialised
+/// form, so a caller can record it before the file exists (the collector's
+/// commit does, to make a retry after a crash converge on one snapshot).
+pub fn id(meta: &KeySet, snap: &Snapshot) -> Result<Id> {
+    Ok(meta.id_of(&to_json(snap)?))
+}
+
+fn to_json(snap: &Snapshot) -> Result<Vec<u8>> {
+    serde_json::to_vec(snap).map_err(|e| Error::corrupt("snapshot", e.to_string()))
+}
+
 /// Seal `snap` and write it durably under `dir`; returns its id.
 pub fn write(dir: &Path, meta: &KeySet, snap: &Snapshot) -> Result<Id> {
-    let json = serde_json::to_vec(snap).map_err(|e| Error::corrupt("snapshot", e.to_string()))?;
+    let json = to_json(snap)?;
     let id = meta.id_of(&json);
     let mut file = SNAPSHOT_MAGIC.to_vec();
     file.extend_from_slice(&meta.seal_random(&aad(&id), &json)?);

@@ -664,11 +664,13 @@ fn prune(c: &Ctx, r: &pb::PruneRequest) -> Result<(Vec<pb::PruneDecision>, u32),
     let mut forgotten = 0u32;
     let mut failed = None;
     for id in &forget {
+        // The commit record goes first: a record left pointing at a
+        // forgotten snapshot would make a late retry of that commit bring
+        // the snapshot back (see `commit::commit`).
         let res = c
-            .repo
-            .forget_snapshot(id)
-            .map_err(ServiceError::from)
-            .and_then(|()| c.state.forget_snapshot(&id.0));
+            .state
+            .forget_snapshot(&id.0)
+            .and_then(|()| c.repo.forget_snapshot(id).map_err(ServiceError::from));
         match res {
             Ok(()) => forgotten += 1,
             Err(e) => {
