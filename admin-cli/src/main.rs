@@ -3,7 +3,7 @@
 //! Two families: the offline repository commands (`hubvault repo …`), which
 //! work on a repository directory directly through `repo-format`, and the
 //! collector-facing commands (`site`, `enroll-token`, `agents`, `status`,
-//! `agent revoke`, `source add`, `policy set`, `prune`, `snapshots`,
+//! `agent revoke`, `source add`, `policy set`, `prune`, `scrub`, `snapshots`,
 //! `restore`, `jobs`), which speak gRPC over mTLS with the admin identity.
 
 mod commands;
@@ -75,6 +75,16 @@ enum Command {
         #[arg(long)]
         source: Option<String>,
         /// List what would be forgotten; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read every pack of the collector back and check it against its
+    /// name; set damaged ones aside so agents upload their blobs again.
+    /// Exits 3 when damage was found.
+    Scrub {
+        /// Report damage; change nothing.
         #[arg(long)]
         dry_run: bool,
         #[arg(long)]
@@ -177,6 +187,7 @@ fn main() -> ExitCode {
             dry_run,
             json,
         } => commands::remote::prune(&cli.remote, site, agent, source, dry_run, json),
+        Command::Scrub { dry_run, json } => commands::remote::scrub(&cli.remote, dry_run, json),
         Command::BackupNow { agent, source } => {
             commands::remote::backup_now(&cli.remote, &agent, source)
         }

@@ -34,6 +34,7 @@ pub mod pki;
 pub mod policy;
 pub mod reads;
 pub mod retention;
+pub mod scrub;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -105,6 +105,17 @@ CREATE TABLE IF NOT EXISTS source_lag (
     reported_ns            INTEGER NOT NULL,
     PRIMARY KEY (agent_id, source)
 ) WITHOUT ROWID;
+-- Blobs a site held that a scrub found lost (their pack damaged), in the
+-- order they were lost: the site's agents read them after their last `seq`
+-- and forget them, so their next backup uploads them again. A blob lost
+-- again later gets a new seq (INSERT OR REPLACE).
+CREATE TABLE IF NOT EXISTS lost (
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+    site TEXT NOT NULL,
+    id   BLOB NOT NULL,
+    UNIQUE (site, id)
+);
+CREATE INDEX IF NOT EXISTS lost_by_site ON lost(site, seq);
 INSERT OR IGNORE INTO counters(name, value) VALUES ('serial', 1000), ('crl', 0);
 ";
 
@@ -815,6 +826,76 @@ impl State {
                 last_commit_ns: r.get(5)?,
                 reported_ns: r.get(6)?,
             })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The sites holding any of `ids`, by name (nothing is changed).
+    pub fn holders(&self, ids: &[Vec<u8>]) -> Result<Vec<String>, ServiceError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let mut sites = std::collections::BTreeSet::new();
+        {
+            let mut st = tx.prepare_cached("SELECT site FROM site_holdings WHERE id = ?1")?;
+            for id in ids {
+                let rows = st.query_map([id], |r| r.get::<_, String>(0))?;
+                for site in rows {
+                    sites.insert(site?);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(sites.into_iter().collect())
+    }
+
+    /// Record that `ids` are lost, in one transaction: each site holding one
+    /// gets a `lost` row for it (for its agents to read) and no longer holds
+    /// it (so it is asked for again), and every tree verified for those
+    /// sites must be verified again (a verified tree vouches for its whole
+    /// subtree, which may now lack a blob). Returns the sites affected.
+    pub fn lose_blobs(&self, ids: &[Vec<u8>]) -> Result<Vec<String>, ServiceError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let mut sites = std::collections::BTreeSet::new();
+        {
+            let mut holders = tx.prepare_cached("SELECT site FROM site_holdings WHERE id = ?1")?;
+            let mut lost =
+                tx.prepare_cached("INSERT OR REPLACE INTO lost(site, id) VALUES (?1, ?2)")?;
+            let mut drop = tx.prepare_cached("DELETE FROM site_holdings WHERE id = ?1")?;
+            for id in ids {
+                let held: Vec<String> = holders
+                    .query_map([id], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for site in held {
+                    lost.execute(params![site, id])?;
+                    sites.insert(site);
+                }
+                drop.execute([id])?;
+            }
+            let mut unverify = tx.prepare_cached("DELETE FROM site_trees WHERE site = ?1")?;
+            for site in &sites {
+                unverify.execute([site])?;
+            }
+        }
+        tx.commit()?;
+        Ok(sites.into_iter().collect())
+    }
+
+    /// Up to `limit` blobs `site` lost after `after`, in order, with their
+    /// sequence numbers.
+    pub fn lost_after(
+        &self,
+        site: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare_cached(
+            "SELECT seq, id FROM lost WHERE site = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = st.query_map(params![site, after, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get(1)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -2335,3 +2335,138 @@ fn one_agent_gets_a_bounded_number_of_upload_streams_and_bytes_in_flight() {
         }
     });
 }
+
+/// The largest pack file under the collector's `repo/packs`.
+fn largest_pack(c: &Collector) -> PathBuf {
+    let packs = c.dir.path().join("data/repo/packs");
+    let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(&packs)
+        .expect("packs dir")
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|f| (f.metadata().expect("stat").len(), f.path()))
+        .collect();
+    all.sort();
+    all.pop().expect("a pack").1
+}
+
+fn scrub(c: &Collector, dry_run: bool) -> (i32, serde_json::Value) {
+    let mut args = vec!["scrub", "--json"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let o = c.hubvault(&args);
+    let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "scrub json ({e}): {} {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o.status.code().expect("exit code"), v)
+}
+
+/// RELIABILITY.md scenario 5 (damaged pack at rest): a scrub names the
+/// damaged pack, the site that held its blobs and the snapshot and path
+/// that need them; it sets the pack aside. A restore needing it then fails
+/// loudly; the agent's next backup (data unchanged) uploads the lost
+/// chunks again, after which the OLD snapshot restores bit-exact and the
+/// repository checks clean.
+#[test]
+fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
+    use integration_tests::compare;
+    let (c, tmp, paris, lyon) = paris_and_lyon();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    std::fs::write(src.join("sub/big.bin"), noise(3 << 20)).expect("write");
+    std::fs::write(src.join("small.txt"), b"small and untouched").expect("write");
+    let o = agent_backup(&paris, &src);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = c.snapshot_ids()[0].clone();
+
+    let pack = largest_pack(&c);
+    let name = pack
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_string();
+    let mut bytes = std::fs::read(&pack).expect("read pack");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&pack, &bytes).expect("flip a bit");
+
+    let (code, dry) = scrub(&c, true);
+    assert_eq!(code, 3, "{dry}");
+    assert_eq!(
+        dry["damaged"].as_array().expect("damaged").len(),
+        1,
+        "{dry}"
+    );
+    assert_eq!(dry["damaged"][0]["pack"], name.as_str());
+    assert_eq!(dry["damaged"][0]["sites"], serde_json::json!(["paris"]));
+    assert!(pack.exists(), "a dry run moves nothing");
+
+    let (code, done) = scrub(&c, false);
+    assert_eq!(code, 3, "{done}");
+    assert_eq!(done["damaged"][0]["pack"], name.as_str());
+    let affected = done["affected"].as_array().expect("affected");
+    assert_eq!(affected.len(), 1, "{done}");
+    assert_eq!(affected[0]["snapshot"], first.as_str());
+    assert!(
+        affected[0]["paths"]
+            .as_array()
+            .expect("paths")
+            .iter()
+            .any(|p| p.as_str().is_some_and(|p| p.ends_with("sub/big.bin"))),
+        "{done}"
+    );
+    assert!(!pack.exists());
+    assert!(c.dir.path().join("data/repo/damaged").join(&name).exists());
+
+    // A restore that needs the lost chunks fails, and says so.
+    let _agent = KillOnDrop(spawn_agent(&lyon));
+    let lyon_id = c.online_agent("lyon");
+    let broken = tmp.path().join("broken");
+    let job = c.ok(&[
+        "restore",
+        &first,
+        "--to-agent",
+        &lyon_id,
+        "--target",
+        broken.to_str().expect("utf8"),
+    ]);
+    let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "120"]);
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    // The data is unchanged at Paris: the next backup reads the file again
+    // (its chunks are no longer known) and uploads them.
+    let o = agent_backup(&paris, &src);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        !err.contains(" 0 sent"),
+        "the lost chunks are sent again: {err}"
+    );
+    let (code, clean) = scrub(&c, false);
+    assert_eq!(code, 0, "{clean}");
+    c.check_repo();
+
+    let healed = tmp.path().join("healed");
+    c.restore_job(&first, &lyon_id, &healed);
+    compare::assert_same_tree(&src, &healed.join("src"));
+    assert_eq!(c.snapshot_ids().len(), 2);
+}

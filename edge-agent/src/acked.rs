@@ -3,6 +3,11 @@
 //! (a pack sent whole is marked uploaded in the spool's catalog instead:
 //! see `upload`). A blob listed here is never sent again (resumption after a
 //! cut transfer, an agent restart or a collector restart).
+//!
+//! Beside it, in `meta`, what this agent learnt of blobs the collector lost
+//! (see `lost`): how far it has read the collector's list (`lost_seq`), how
+//! many times that forgot something (`lost_gen`), and per source the
+//! generation its last parent-verifying backup covered (`verified:<source>`).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -27,7 +32,8 @@ impl Acked {
         // from the kernel per insert. Allocated as used, up to 32 MiB.
         conn.pragma_update(None, "cache_size", -32768)?;
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS acked (id BLOB PRIMARY KEY) WITHOUT ROWID;",
+            "CREATE TABLE IF NOT EXISTS acked (id BLOB PRIMARY KEY) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )?;
         Ok(Acked {
             conn: Mutex::new(conn),
@@ -81,4 +87,73 @@ impl Acked {
         tx.commit()?;
         Ok(())
     }
+
+    /// How far the collector's list of lost blobs was read (0: never).
+    pub fn lost_seq(&self) -> Result<u64> {
+        self.meta("lost_seq")
+    }
+
+    /// Record that the collector's lost list was read up to `next`; when
+    /// `forgot` (some of it was held here), also drop every acknowledgement
+    /// (a tree acknowledged vouches for a subtree that may now lack a blob)
+    /// and start a generation every source must back up verifying its
+    /// parent once. One transaction.
+    pub fn lost_read(&self, next: u64, forgot: bool) -> Result<()> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("acked db mutex poisoned"))?;
+        let tx = c.transaction()?;
+        set_meta(&tx, "lost_seq", next)?;
+        if forgot {
+            tx.execute("DELETE FROM acked", [])?;
+            let generation = get_meta(&tx, "lost_gen")?;
+            set_meta(&tx, "lost_gen", generation + 1)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether `source`'s next backup must verify its parent's chunks, and
+    /// the generation to pass to [`Acked::verified`] once it did.
+    pub fn needs_verify(&self, source: &str) -> Result<(bool, u64)> {
+        let generation = self.meta("lost_gen")?;
+        let done = self.meta(&format!("verified:{source}"))?;
+        Ok((done < generation, generation))
+    }
+
+    /// `source` backed up verifying its parent, covering `generation`.
+    pub fn verified(&self, source: &str, generation: u64) -> Result<()> {
+        let c = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("acked db mutex poisoned"))?;
+        set_meta(&c, &format!("verified:{source}"), generation)
+    }
+
+    fn meta(&self, key: &str) -> Result<u64> {
+        let c = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("acked db mutex poisoned"))?;
+        get_meta(&c, key)
+    }
+}
+
+fn get_meta(c: &Connection, key: &str) -> Result<u64> {
+    use rusqlite::OptionalExtension;
+    let v: Option<i64> = c
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?;
+    Ok(v.unwrap_or(0).max(0) as u64)
+}
+
+fn set_meta(c: &Connection, key: &str, value: u64) -> Result<()> {
+    let v = i64::try_from(value).unwrap_or(i64::MAX);
+    c.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        rusqlite::params![key, v],
+    )?;
+    Ok(())
 }

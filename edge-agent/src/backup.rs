@@ -107,6 +107,16 @@ pub async fn run_with(
     let mut upload = spec.upload;
     upload.gate = Some((gate.clone(), spec.priority));
     let started = std::time::Instant::now();
+    // Blobs the collector lost are forgotten first, so this backup stores
+    // (and uploads) them again; it verifies its parent's chunks once after.
+    // Not fatal: an unreachable collector must not stop the local backup
+    // (the upload will wait for it); the next run reads the list again.
+    if let Err(e) = crate::lost::reconcile(client, &repo, &acked).await {
+        tracing::warn!("reading the collector's lost blobs failed: {e:#}");
+    }
+    let (a, source) = (acked.clone(), spec.source.clone());
+    let (verify_parent, generation) =
+        tokio::task::spawn_blocking(move || a.needs_verify(&source)).await??;
     // Upload each pack as the backup makes it durable (see EarlyUpload).
     let early = EarlyUpload::start(client.clone(), repo.clone(), acked.clone(), upload.clone());
     let on_pack = early.sink();
@@ -118,12 +128,17 @@ pub async fn run_with(
             dirty,
             parent,
             on_pack,
+            verify_parent,
             ..Default::default()
         };
         repo_format::backup::backup(&r, &paths, &opts)
     })
     .await?
     .context("local backup failed")?;
+    if verify_parent {
+        let (a, source) = (acked.clone(), spec.source.clone());
+        tokio::task::spawn_blocking(move || a.verified(&source, generation)).await??;
+    }
     upload.planned.store(
         out.snapshot.stats.new_bytes_stored,
         std::sync::atomic::Ordering::Relaxed,

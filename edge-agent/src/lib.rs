@@ -19,6 +19,7 @@ pub mod enroll;
 pub mod gate;
 pub mod history;
 pub mod local;
+pub mod lost;
 pub mod pull;
 pub mod schedule;
 pub mod sources;

@@ -523,6 +523,32 @@ impl Catalog {
         tx.commit().map_err(cat_err("committing pack states"))
     }
 
+    /// Remove the rows of blobs `ids` (one transaction; an id not
+    /// catalogued is skipped); returns how many went. For an agent told that
+    /// its collector lost these blobs: uncatalogued, they are stored (and
+    /// so uploaded) again by the next backup that meets them. Their packs
+    /// keep their rows: what remains in them is still valid.
+    pub fn forget_blobs(&mut self, ids: &[Id]) -> Result<u64> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(cat_err("beginning blob removal"))?;
+        let mut n = 0;
+        {
+            let mut st = tx
+                .prepare_cached("DELETE FROM blobs WHERE id = ?1")
+                .map_err(cat_err("preparing blob removal"))?;
+            for id in ids {
+                n += st
+                    .execute([&id.0[..]])
+                    .map_err(|e| Error::catalog(format!("removing blob {id}"), e))?
+                    as u64;
+            }
+        }
+        tx.commit().map_err(cat_err("committing blob removal"))?;
+        Ok(n)
+    }
+
     /// Where blob `id` can be read here: `None` when it is not catalogued
     /// or its pack was dropped.
     pub fn lookup(&self, id: &Id) -> Result<Option<BlobLocation>> {

@@ -22,11 +22,16 @@ use crate::crypto::{KeySet, Keys};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::keyring::{self, KdfParams};
+use crate::pack::PackEntry;
 use crate::snapshot::{self, Snapshot};
 use crate::span_cache::SpanCache;
 use crate::store::PackStore;
 use crate::store::dir::DirStore;
 use crate::tree::{self, Entry};
+
+/// Directory under the repository root where damaged packs are set aside
+/// (see [`Repository::quarantine_pack`]): not read, not rebuilt from.
+pub const DAMAGED_DIR: &str = "damaged";
 
 /// How a repository is locked while open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,6 +331,27 @@ impl Repository {
         }
         self.catalog()?.delete_snapshot(id)?;
         Ok(())
+    }
+
+    /// The blobs the catalog holds in pack `name`: from its trailer when that
+    /// opens, else from a scan of the catalog (a damaged trailer).
+    pub fn pack_entries(&self, name: &Id) -> Result<Vec<PackEntry>> {
+        match crate::pack::reader::read_trailer(self.store.as_ref(), name, &self.keys.metadata) {
+            Ok(entries) => Ok(entries),
+            Err(_) => self.catalog()?.blobs_in_pack(name),
+        }
+    }
+
+    /// Set damaged pack `name` aside, in `damaged/` under the repository
+    /// root, and forget it and its blobs (`entries`, from
+    /// [`Repository::pack_entries`]) in the catalog: its blobs are then
+    /// unknown here, so whoever still has them stores them again. The file
+    /// moves first: a crash in between leaves catalog rows for a missing
+    /// pack, which the next scrub finds and forgets, never a damaged pack
+    /// that a catalog rebuild would take back.
+    pub fn quarantine_pack(&self, name: &Id, entries: &[PackEntry]) -> Result<()> {
+        self.store.move_out(name, &self.root.join(DAMAGED_DIR))?;
+        self.catalog()?.forget_pack(name, entries)
     }
 
     /// Delete the file of pack `name` but keep its catalog rows, marked

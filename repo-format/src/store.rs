@@ -7,10 +7,10 @@
 pub mod dir;
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::direct::AlignedBuf;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::id::Id;
 
 /// A pack being written: a temporary local file that [`PackStore::put`] makes durable.
@@ -64,4 +64,14 @@ pub trait PackStore: Send + Sync {
     /// Delete pack `name` durably (absent already: fine). Only for packs
     /// nothing references any more: see [`crate::Repository::retire_pack`].
     fn remove(&self, name: &Id) -> Result<()>;
+    /// Move pack `name` durably out of the store into directory `dest` (a
+    /// damaged pack kept as evidence: see
+    /// [`crate::Repository::quarantine_pack`]); false when it was not there.
+    /// A store that cannot keep it elsewhere refuses.
+    fn move_out(&self, name: &Id, dest: &Path) -> Result<bool> {
+        let _ = dest;
+        Err(Error::Pipeline(format!(
+            "this pack store cannot set pack {name} aside"
+        )))
+    }
 }

@@ -139,6 +139,7 @@ pub fn backup_options() -> BackupOptions {
         excludes: Vec::new(),
         dirty: None,
         on_pack: None,
+        verify_parent: false,
     }
 }
 

@@ -856,6 +856,93 @@ pub(crate) fn prune(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `hubvault scrub [--dry-run] [--json]`: every pack read back; damaged
+/// packs, then the snapshots that name a lost blob. Exit 3 on damage.
+pub(crate) fn scrub(remote: &Remote, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let r = rt()?
+        .block_on(async {
+            remote
+                .client()
+                .await?
+                .scrub(pb::ScrubRequest {
+                    protocol: PROTOCOL,
+                    dry_run,
+                })
+                .await
+                .context("scrubbing the collector's packs")
+        })?
+        .into_inner();
+    if json {
+        let damaged: Vec<_> = r
+            .damaged
+            .iter()
+            .map(|d| {
+                serde_json::json!({"pack": hex(&d.name), "reason": d.reason,
+                "blobs": d.blobs, "sites": d.sites})
+            })
+            .collect();
+        let affected: Vec<_> = r
+            .affected
+            .iter()
+            .map(|a| {
+                serde_json::json!({"snapshot": hex(&a.id), "site": a.site,
+                "source": a.source, "entries": a.entries, "paths": a.paths})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dry_run": dry_run, "packs_checked": r.packs_checked,
+                "bytes_checked": r.bytes_checked, "secs": r.secs,
+                "damaged": damaged, "affected": affected}))?
+        );
+    } else {
+        for d in &r.damaged {
+            println!(
+                "damaged pack {}: {} ({} blobs, held by {})",
+                hex(&d.name),
+                d.reason,
+                d.blobs,
+                if d.sites.is_empty() {
+                    "no site".into()
+                } else {
+                    d.sites.join(", ")
+                }
+            );
+        }
+        for a in &r.affected {
+            let id = hex(&a.id);
+            println!(
+                "snapshot {} ({} {}): {} entries lost, e.g. {}",
+                id.get(..8).unwrap_or(&id),
+                a.site,
+                a.source,
+                a.entries,
+                a.paths.join(", ")
+            );
+        }
+    }
+    eprintln!(
+        "checked {} packs ({}) in {:.1} s: {} damaged{}",
+        r.packs_checked,
+        size(r.bytes_checked),
+        r.secs,
+        r.damaged.len(),
+        match (r.damaged.is_empty(), dry_run) {
+            (true, _) => "",
+            (false, true) => " (dry run: nothing changed)",
+            (false, false) => {
+                "; set aside in repo/damaged/. Agents that still have the data upload it with their next backup"
+            }
+        }
+    );
+    Ok(if r.damaged.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -1,6 +1,7 @@
 //! What central IT calls (role "admin"): sites, tokens, agents, status (with
 //! the agents' recovery points), snapshots, restores, jobs, sources and their
-//! policies, and prune (retention: forget snapshots, never packs).
+//! policies, prune (retention: forget snapshots, never packs) and scrub
+//! (read every pack back; set damaged ones aside).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -468,6 +469,19 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             decisions,
             forgotten,
         }))
+    }
+
+    async fn scrub(
+        &self,
+        req: Request<pb::ScrubRequest>,
+    ) -> Result<Response<pb::ScrubResponse>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        let resp = self
+            .ctx
+            .blocking(move |c| crate::scrub::scrub(c, r.dry_run))
+            .await?;
+        Ok(Response::new(resp))
     }
 }
 

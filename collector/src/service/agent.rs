@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use proto::convert;
+use proto::limits::MAX_IDS_PER_REQUEST;
 use proto::pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -389,6 +390,26 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         // The permit goes when the transport takes the blob.
         let out = ReceiverStream::new(rx).map(|r| r.map(|(blob, _room)| blob));
         Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn lost_blobs(
+        &self,
+        req: Request<pb::LostBlobsRequest>,
+    ) -> Result<Response<pb::LostBlobsResponse>, Status> {
+        let (site, _) = agent_of(&req)?;
+        let r = req.into_inner();
+        convert::protocol(r.protocol).map_err(ServiceError::from)?;
+        let rows = self
+            .ctx
+            .blocking(move |c| c.state.lost_after(&site, r.after, MAX_IDS_PER_REQUEST + 1))
+            .await?;
+        let more = rows.len() > MAX_IDS_PER_REQUEST;
+        let rows = &rows[..rows.len().min(MAX_IDS_PER_REQUEST)];
+        Ok(Response::new(pb::LostBlobsResponse {
+            next: rows.last().map_or(r.after, |(seq, _)| *seq),
+            ids: rows.iter().map(|(_, id)| id.clone()).collect(),
+            more,
+        }))
     }
 
     async fn renew(

@@ -124,6 +124,12 @@ pub struct BackupOptions {
     pub dirty: Option<DirtySet>,
     /// Told about each durable pack (see [`PackSink`]).
     pub on_pack: Option<PackSink>,
+    /// Check that every chunk of an unchanged file taken from the parent is
+    /// still catalogued, and read the file again when one is not (and walk
+    /// every directory: `dirty` is ignored). Always on after a catalog
+    /// rebuild (its marker file); an agent sets it after forgetting blobs
+    /// its collector lost.
+    pub verify_parent: bool,
 }
 
 impl Default for BackupOptions {
@@ -136,6 +142,7 @@ impl Default for BackupOptions {
             excludes: Vec::new(),
             dirty: None,
             on_pack: None,
+            verify_parent: false,
         }
     }
 }
@@ -178,6 +185,8 @@ pub(crate) struct Shared<'r> {
     pub(crate) trust_before_ns: i64,
     /// See [`BackupOptions::on_pack`].
     pub(crate) on_pack: Option<PackSink>,
+    /// See [`BackupOptions::verify_parent`].
+    pub(crate) verify_parent: bool,
 }
 
 impl<'r> Shared<'r> {
@@ -197,6 +206,7 @@ impl<'r> Shared<'r> {
             new_bytes_stored: AtomicU64::new(0),
             trust_before_ns: i64::MAX,
             on_pack: None,
+            verify_parent: false,
         }
     }
 
@@ -291,6 +301,7 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Res
     let progress = opts.progress.clone().unwrap_or_default();
     let mut shared = Shared::new(repo, progress);
     shared.on_pack = opts.on_pack.clone();
+    shared.verify_parent = opts.verify_parent;
     if let Some(p) = &parent_snap {
         // The parent started at p.time_ns: a file changed within a coarse
         // clock tick (or a small clock step) before that may have been

@@ -111,11 +111,12 @@ impl<'s, 'r> Walker<'s, 'r> {
         excludes: &'s crate::glob::Excludes,
         dirty: Option<&'s DirtySet>,
     ) -> Result<Self> {
-        let verify_parent = shared
-            .repo
-            .root()
-            .join(crate::rebuild::DEGRADED_MARKER)
-            .exists();
+        let verify_parent = shared.verify_parent
+            || shared
+                .repo
+                .root()
+                .join(crate::rebuild::DEGRADED_MARKER)
+                .exists();
         Ok(Walker {
             shared,
             excludes,

@@ -154,6 +154,24 @@ impl PackStore for DirStore {
         }
     }
 
+    fn move_out(&self, name: &Id, dest: &Path) -> Result<bool> {
+        if let Ok(mut h) = self.handles.lock() {
+            h.remove(name);
+        }
+        let p = self.path_of(name);
+        std::fs::create_dir_all(dest).map_err(|e| Error::io("creating", dest, e))?;
+        let to = dest.join(name.to_hex());
+        match std::fs::rename(&p, &to) {
+            Ok(()) => {
+                fsutil::sync_dir(dest)?;
+                fsutil::sync_dir(p.parent().unwrap_or(&self.packs))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("moving damaged pack to", &to, e)),
+        }
+    }
+
     fn list(&self) -> Result<Vec<Id>> {
         let mut out = Vec::new();
         for i in 0..=255u8 {

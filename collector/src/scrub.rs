@@ -1,0 +1,214 @@
+//! Scrub: read every pack back and compare it with its name (an unkeyed
+//! BLAKE3 of its bytes, so the content-blind collector can check data it
+//! cannot open), and take damaged packs out of use.
+//!
+//! A damaged, truncated or missing pack is moved to `repo/damaged/` and
+//! forgotten with its blobs (RELIABILITY.md scenario 5): from then on "does
+//! the site have it?" answers no for those blobs, the sites that held them
+//! get `lost` rows their agents read (`LostBlobs`) before their next backup,
+//! and every commit re-verifies its trees, so no new snapshot can name a
+//! lost blob until someone uploads it again. Snapshots that already name
+//! one are listed with the affected paths: restoring those fails loudly
+//! (a missing blob) until a backup re-uploads it, and then succeeds, since
+//! the ids do not change.
+//!
+//! Only a damage the bytes prove (a short, long or differently hashed file,
+//! a file that is gone, EIO on read) quarantines a pack; any other error
+//! (permissions, too many open files) stops the scrub, changing nothing
+//! more, because it says nothing about the pack.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use proto::pb;
+use repo_format::pack::reader::verify_checksum;
+use repo_format::{Id, Repository};
+
+use crate::Ctx;
+use crate::error::ServiceError;
+
+/// Paths listed per affected snapshot; the count covers all of them.
+const PATHS_LISTED: usize = 20;
+/// Trees deeper than this are not walked for the affected-path report.
+const MAX_DEPTH: usize = 4096;
+
+/// One scrub at a time per collector.
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Check every catalogued pack; unless `dry_run`, quarantine the damaged.
+pub fn scrub(ctx: &Ctx, dry_run: bool) -> Result<pb::ScrubResponse, ServiceError> {
+    if RUNNING.swap(true, Ordering::AcqRel) {
+        return Err(ServiceError::Exhausted(
+            "a scrub is already running; wait for it to finish".into(),
+        ));
+    }
+    let out = run(ctx, dry_run);
+    RUNNING.store(false, Ordering::Release);
+    out
+}
+
+fn run(ctx: &Ctx, dry_run: bool) -> Result<pb::ScrubResponse, ServiceError> {
+    let started = Instant::now();
+    let repo = &ctx.repo;
+    let packs = repo.catalog()?.packs()?;
+    let mut resp = pb::ScrubResponse::default();
+    let mut lost: HashSet<Id> = HashSet::new();
+    for (name, size, _) in packs {
+        resp.packs_checked += 1;
+        let Some(reason) = damage(repo, &name, size)? else {
+            resp.bytes_checked += size;
+            continue;
+        };
+        let entries = repo.pack_entries(&name)?;
+        let ids: Vec<Vec<u8>> = entries.iter().map(|e| e.id.0.to_vec()).collect();
+        let sites = if dry_run {
+            ctx.state.holders(&ids)?
+        } else {
+            // The sites first: a crash before the pack is set aside leaves
+            // it catalogued, and the next scrub finds it again.
+            let sites = ctx.state.lose_blobs(&ids)?;
+            repo.quarantine_pack(&name, &entries)?;
+            ctx.state.event(
+                "integrity",
+                &format!(
+                    "scrub: pack {name} is damaged ({reason}); set aside with its {} blobs, \
+                     held by sites {sites:?}, whose agents will upload them again",
+                    entries.len()
+                ),
+            )?;
+            sites
+        };
+        lost.extend(entries.iter().map(|e| e.id));
+        resp.damaged.push(pb::DamagedPack {
+            name: name.0.to_vec(),
+            reason,
+            blobs: entries.len() as u64,
+            sites,
+        });
+    }
+    if !lost.is_empty() {
+        resp.affected = affected(repo, &lost)?;
+    }
+    resp.secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        packs = resp.packs_checked,
+        damaged = resp.damaged.len(),
+        affected = resp.affected.len(),
+        dry_run,
+        secs = resp.secs,
+        "scrub done"
+    );
+    Ok(resp)
+}
+
+/// What is wrong with pack `name` (catalogued at `size` bytes), or `None`.
+fn damage(repo: &Repository, name: &Id, size: u64) -> Result<Option<String>, ServiceError> {
+    let store = repo.store();
+    match store.size(name) {
+        Ok(actual) if actual != size => {
+            return Ok(Some(format!("size {actual}, catalogued {size}")));
+        }
+        Ok(_) => {}
+        Err(e) if io_kind(&e) == Some(std::io::ErrorKind::NotFound) => {
+            return Ok(Some("missing".into()));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    match verify_checksum(store.as_ref(), name) {
+        Ok(()) => Ok(None),
+        Err(e) if e.is_integrity() => Ok(Some("content hash differs from its name".into())),
+        // EIO: the medium could not return the bytes.
+        Err(e) if io_errno(&e) == Some(5) => Ok(Some(format!("unreadable: {e}"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn io_kind(e: &repo_format::Error) -> Option<std::io::ErrorKind> {
+    match e {
+        repo_format::Error::Io { source, .. } => Some(source.kind()),
+        _ => None,
+    }
+}
+
+fn io_errno(e: &repo_format::Error) -> Option<i32> {
+    match e {
+        repo_format::Error::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// Snapshots naming a blob of `lost`, with (up to [`PATHS_LISTED`]) paths.
+///
+/// Each distinct tree is read once: the count of affected entries below it
+/// is memoised, so shared subtrees (every snapshot of one source shares
+/// most) cost one visit, and a crafted snapshot naming one subtree many
+/// times at every level cannot make the walk exponential.
+fn affected(
+    repo: &Repository,
+    lost: &HashSet<Id>,
+) -> Result<Vec<pb::AffectedSnapshot>, ServiceError> {
+    let mut memo: HashMap<Id, u64> = HashMap::new();
+    let mut out = Vec::new();
+    for (id, snap) in repo.snapshots()? {
+        let mut paths = Vec::new();
+        let entries = walk(repo, lost, &snap.tree, "", 0, &mut memo, &mut paths)?;
+        if entries > 0 {
+            out.push(pb::AffectedSnapshot {
+                id: id.0.to_vec(),
+                site: snap.site.unwrap_or_default(),
+                source: snap.source.unwrap_or_default(),
+                paths,
+                entries,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Affected entries below `tree` (at `prefix`); paths are listed on the
+/// first visit of a tree only.
+fn walk(
+    repo: &Repository,
+    lost: &HashSet<Id>,
+    tree: &Id,
+    prefix: &str,
+    depth: usize,
+    memo: &mut HashMap<Id, u64>,
+    paths: &mut Vec<String>,
+) -> Result<u64, ServiceError> {
+    if let Some(n) = memo.get(tree) {
+        return Ok(*n);
+    }
+    let note = |paths: &mut Vec<String>, p: String| {
+        if paths.len() < PATHS_LISTED {
+            paths.push(p);
+        }
+    };
+    if lost.contains(tree) || depth > MAX_DEPTH {
+        note(paths, format!("{prefix}/"));
+        memo.insert(*tree, 1);
+        return Ok(1);
+    }
+    let entries = match repo.read_tree(tree) {
+        Ok(e) => e,
+        Err(e) => {
+            note(paths, format!("{prefix}/ (tree {tree}: {e})"));
+            memo.insert(*tree, 1);
+            return Ok(1);
+        }
+    };
+    let mut n = 0;
+    for e in entries {
+        let path = format!("{prefix}/{}", String::from_utf8_lossy(&e.name));
+        if e.chunks.iter().any(|c| lost.contains(c)) {
+            note(paths, path.clone());
+            n += 1;
+        }
+        if let Some(sub) = e.subtree {
+            n += walk(repo, lost, &sub, &path, depth + 1, memo, paths)?;
+        }
+    }
+    memo.insert(*tree, n);
+    Ok(n)
+}
