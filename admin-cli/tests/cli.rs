@@ -610,3 +610,338 @@ fn excluded_entries_are_left_out() {
         assert!(!r.join(gone).exists(), "{gone} must be excluded");
     }
 }
+
+/// Copy the directory tree at `from` (directories and regular files: a
+/// repository holds nothing else) to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create copy directory");
+    for e in std::fs::read_dir(from).expect("ls for copy") {
+        let e = e.expect("entry to copy");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).expect("copy file");
+        }
+    }
+}
+
+/// Set the pack size target in the config of the (still empty) repository at
+/// `repo`: `repo init` has no option for it, and 1 MiB (the least allowed)
+/// makes a backup of a few MiB write several packs.
+fn set_pack_target(repo: &Path, bytes: u64) {
+    let path = repo.join("config");
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read config")).expect("config JSON");
+    cfg["pack_target"] = Value::from(bytes);
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("config JSON"))
+        .expect("write config");
+}
+
+/// Packs catalogued in the repository at `repo`.
+fn catalogued_packs(repo: &Path) -> BTreeSet<repo_format::Id> {
+    let cat =
+        repo_format::catalog::Catalog::open_reader(&repo.join("catalog.db")).expect("open catalog");
+    cat.packs()
+        .expect("list catalogued packs")
+        .into_iter()
+        .map(|p| p.0)
+        .collect()
+}
+
+/// What the catalog holds in packs not in `before`: (packs, blobs, sealed bytes).
+fn catalogued_since(repo: &Path, before: &BTreeSet<repo_format::Id>) -> (usize, u64, u64) {
+    let cat =
+        repo_format::catalog::Catalog::open_reader(&repo.join("catalog.db")).expect("open catalog");
+    let (mut packs, mut blobs, mut bytes) = (0, 0, 0);
+    cat.for_each_blob_by_pack(|name, rows| {
+        if !before.contains(&name) {
+            packs += 1;
+            blobs += rows.len() as u64;
+            bytes += rows.iter().map(|r| u64::from(r.length)).sum::<u64>();
+        }
+        Ok(())
+    })
+    .expect("pass over blob rows");
+    (packs, blobs, bytes)
+}
+
+/// Names in `<repo>/snapshots`: (snapshot files, temporaries).
+fn snapshot_dir(repo: &Path) -> (Vec<String>, Vec<String>) {
+    let (mut files, mut temps) = (Vec::new(), Vec::new());
+    for e in std::fs::read_dir(repo.join("snapshots")).expect("ls snapshots") {
+        let name = e.expect("snapshot entry").file_name();
+        let name = name.to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            temps.push(name);
+        } else {
+            files.push(name);
+        }
+    }
+    files.sort();
+    (files, temps)
+}
+
+impl Hv {
+    /// A copy of this repository in a directory of its own (sources stay
+    /// where they are: a backup from the copy names the same paths).
+    fn copy(&self) -> Hv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = dir.path().join("repo");
+        copy_tree(&self.repo, &repo);
+        Hv { dir, repo }
+    }
+}
+
+/// Start `backup --threads 2 <src>` and kill -9 it as soon as `caught`
+/// holds (polled every 50 µs): true when the kill ended it, false when the
+/// backup had ended on its own first.
+fn kill_backup_when(hv: &Hv, src: &Path, mut caught: impl FnMut() -> bool) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubvault"))
+        .env_remove("HUBVAULT_REPO")
+        .env_remove("HUBVAULT_PASSPHRASE_FILE")
+        .env("HUBVAULT_PASSPHRASE", PASSPHRASE)
+        .args(["repo", "backup", "--repo", s(&hv.repo), "--threads", "2"])
+        .arg(src)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn backup");
+    loop {
+        if caught() {
+            // Already exited but not reaped: the signal reaches a zombie
+            // and the status says how it really ended.
+            child.kill().expect("kill -9");
+            let status = child.wait().expect("reap");
+            assert!(
+                status.success() || status.signal() == Some(9),
+                "backup ended with {status}"
+            );
+            return status.signal() == Some(9);
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            assert!(status.success(), "backup ended with {status}");
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
+/// When a sweep point kills the backup.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// Once this many new pack files are under `packs/`.
+    NewPacks(usize),
+    /// Once the snapshot's temporary file is in `snapshots/` (just before the rename).
+    SnapshotTemp,
+    /// Once the new snapshot file is in `snapshots/` (its catalog row may not be).
+    SnapshotFile,
+    /// This long after the start.
+    After(std::time::Duration),
+}
+
+/// A local backup killed with SIGKILL at several points (kill -9 sweep;
+/// RELIABILITY.md scenario 3 "crash in the middle", through the real
+/// binary). Every point starts from a copy of one repository holding S1 and
+/// backs up the changed source (files modified, added and deleted) with
+/// 1 MiB packs. After each kill:
+/// - no lock is left (the next command, and an exclusive open, succeed);
+/// - `check --read-data` passes: packs the kill left uncatalogued are only
+///   counted as leftovers;
+/// - S1 is listed and restores bit-exact; at most one new snapshot is
+///   listed, and it is complete and restores bit-exact to the changed source;
+/// - a rerun succeeds, restores bit-exact, and stores exactly what the full
+///   backup stores minus the blobs the killed run already catalogued.
+#[test]
+fn backup_killed_at_any_point_leaves_s1_intact_and_the_rerun_resumes() {
+    let started = std::time::Instant::now();
+    let hv = Hv::init();
+    set_pack_target(&hv.repo, 1 << 20);
+    let (src, _) = hv.fixture("src");
+    fixture::build(&src.join("bulk"), &fixture::bulk_tree(4, 600_000, 500)).expect("build bulk");
+    let s1 = hv.backup(&[&src], 0);
+    let s1_id = str_of(&s1, "id").to_string();
+    let ref1 = hv.path("ref1");
+    hv.restore(&s1_id, &ref1, None).expect(0);
+    assert_same_tree(&src, &ref1.join("src"));
+    let s1_packs = catalogued_packs(&hv.repo);
+
+    // The change: one file rewritten in the middle, one rewritten whole,
+    // two deleted, 10 MiB of new files (about ten 1 MiB packs).
+    let bulk0 = src.join("bulk/bulk-000");
+    let mut bytes = std::fs::read(&bulk0).expect("read bulk-000");
+    bytes[200_000..264_000].copy_from_slice(&fixture::content(64_000, 77, fixture::Fill::Random));
+    std::fs::write(&bulk0, &bytes).expect("rewrite bulk-000");
+    std::fs::write(src.join("hello.txt"), b"hello again, changed").expect("rewrite hello");
+    std::fs::remove_file(src.join("bulk/bulk-001")).expect("rm bulk-001");
+    std::fs::remove_file(src.join("chunks/min")).expect("rm chunks/min");
+    std::fs::create_dir(src.join("new")).expect("mkdir new");
+    for i in 0..5u64 {
+        let data = fixture::content(2 << 20, 900 + i, fixture::Fill::Random);
+        std::fs::write(src.join(format!("new/big-{i}")), data).expect("write new file");
+    }
+    std::fs::write(src.join("new/small.txt"), b"a new small file").expect("write small");
+
+    // The uninterrupted backup of the change, to compare the reruns with.
+    let (full, wall) = {
+        let r = hv.copy();
+        let t0 = std::time::Instant::now();
+        let snap = r.backup(&[&src], 0);
+        let wall = t0.elapsed();
+        let t = r.path("t");
+        r.restore(str_of(&snap, "id"), &t, None).expect(0);
+        assert_same_tree(&src, &t.join("src"));
+        let packs = r.packs().len() - hv.packs().len();
+        println!(
+            "full backup of the change: {packs} packs in {wall:?}, {}",
+            snap["stats"]
+        );
+        (snap["stats"].clone(), wall)
+    };
+    let full_stored = full["new_bytes_stored"].as_u64().expect("new_bytes_stored");
+    let full_blobs = full["new_blobs"].as_u64().expect("new_blobs");
+
+    // Fixed delays: while the process starts, and at half and nine tenths
+    // of the uninterrupted run (the packs are written in its last half).
+    let points = [
+        KillAt::After(std::time::Duration::from_millis(5)),
+        KillAt::After(wall / 2),
+        KillAt::After(wall * 9 / 10),
+        KillAt::NewPacks(1),
+        KillAt::NewPacks(4),
+        KillAt::NewPacks(8),
+        KillAt::SnapshotTemp,
+        // Most likely after the end: the kill then finds the snapshot committed.
+        KillAt::After(wall * 3),
+        // The narrowest window: the snapshot file is in place, its catalog
+        // row is being written (Repository::commit_snapshot).
+        KillAt::SnapshotFile,
+    ];
+    for at in points {
+        let r = hv.copy();
+        let before = r.packs().len();
+        let t0 = std::time::Instant::now();
+        let killed = kill_backup_when(&r, &src, || match at {
+            KillAt::NewPacks(n) => r.packs().len() >= before + n,
+            KillAt::SnapshotTemp => !snapshot_dir(&r.repo).1.is_empty(),
+            KillAt::SnapshotFile => snapshot_dir(&r.repo).0.len() > 1,
+            KillAt::After(d) => t0.elapsed() >= d,
+        });
+        let at_ms = t0.elapsed().as_millis();
+        let new_packs = r.packs().len() - before;
+        let (snap_files, snap_temps) = snapshot_dir(&r.repo);
+        let tmp_left = std::fs::read_dir(r.repo.join("tmp"))
+            .expect("ls tmp")
+            .count();
+        let what = format!(
+            "{at:?}: {} after {at_ms} ms with {new_packs} new pack files, \
+             {} snapshot files, {} snapshot temporaries, {tmp_left} in tmp/",
+            if killed {
+                "killed"
+            } else {
+                "finished before the kill"
+            },
+            snap_files.len(),
+            snap_temps.len()
+        );
+
+        // (a) The next command runs (no lock left) and finds no problem.
+        let check = r.run("check", &["--read-data", "--json"]);
+        let listed = r.run("snapshots", &["--json"]).expect(0).json();
+        let ids: Vec<&str> = listed
+            .as_array()
+            .expect("snapshot list")
+            .iter()
+            .map(|v| str_of(v, "id"))
+            .collect();
+        if check.code != 0 {
+            let text = r.run("check", &[]);
+            panic!(
+                "{what}: check fails after the kill (exit {})\nsnapshot files: {snap_files:?}\n\
+                 listed: {ids:?}\n{}{}",
+                check.code, text.stdout, text.stderr
+            );
+        }
+        let report = check.json();
+        let unreferenced = report["unreferenced_packs"].as_array().map_or(0, Vec::len);
+        drop(
+            repo_format::Repository::open(
+                &r.repo,
+                PASSPHRASE.as_bytes(),
+                repo_format::LockMode::Exclusive,
+            )
+            .unwrap_or_else(|e| panic!("{what}: the killed backup left a lock: {e}")),
+        );
+
+        // (b) S1 is listed and restores bit-exact; (c) at most one new
+        // snapshot, complete and bit-exact.
+        assert!(
+            ids.contains(&s1_id.as_str()),
+            "{what}: S1 not listed: {listed:#}"
+        );
+        assert!(
+            ids.len() <= 2,
+            "{what}: more than one new snapshot: {listed:#}"
+        );
+        assert_eq!(
+            snap_files.len(),
+            ids.len(),
+            "{what}: snapshot files {snap_files:?}, listed {ids:?}"
+        );
+        let t1 = r.path("s1");
+        r.restore(&s1_id, &t1, None).expect(0);
+        let d = diff_trees(&ref1.join("src"), &t1.join("src"));
+        assert!(d.is_empty(), "{what}: S1 restores differently: {d:#?}");
+        let new_snapshot = ids.iter().find(|i| **i != s1_id).map(|i| i.to_string());
+        if let Some(id) = &new_snapshot {
+            let v = &listed[ids.iter().position(|i| i == id).expect("listed")];
+            assert_eq!(v["issues"], Value::Array(vec![]), "{what}: {v}");
+            let t2 = r.path("s2");
+            r.restore(id, &t2, None).expect(0);
+            let d = diff_trees(&src, &t2.join("src"));
+            assert!(
+                d.is_empty(),
+                "{what}: the new snapshot restores differently: {d:#?}"
+            );
+        }
+        let (kept_packs, kept_blobs, kept_bytes) = catalogued_since(&r.repo, &s1_packs);
+
+        // (d) The rerun completes, restores bit-exact, and stores only what
+        // the killed run did not catalogue.
+        let rerun = r.backup(&[&src], 0);
+        let t3 = r.path("rerun");
+        r.restore(str_of(&rerun, "id"), &t3, None).expect(0);
+        let d = diff_trees(&src, &t3.join("src"));
+        assert!(
+            d.is_empty(),
+            "{what}: the rerun restores differently: {d:#?}"
+        );
+        let st = &rerun["stats"];
+        let stored = st["new_bytes_stored"].as_u64().expect("new_bytes_stored");
+        let blobs = st["new_blobs"].as_u64().expect("new_blobs");
+        let line = format!(
+            "{what}; check: {} packs, {unreferenced} not in the catalog; \
+             snapshot visible: {}; the killed run catalogued {kept_packs} packs \
+             ({kept_blobs} blobs, {kept_bytes} B); the rerun stored {blobs} blobs, \
+             {stored} B (full: {full_blobs} blobs, {full_stored} B)",
+            report["packs"],
+            new_snapshot.is_some()
+        );
+        println!("{line}");
+        assert_eq!(
+            (blobs + kept_blobs, stored + kept_bytes),
+            (full_blobs, full_stored),
+            "{line}: the rerun stores what was already catalogued, or misses some"
+        );
+        if kept_bytes > 0 {
+            assert!(stored < full_stored, "{line}");
+        }
+        r.run("check", &[]).expect(0);
+    }
+    println!(
+        "kill sweep: {} points in {:.1} s",
+        points.len(),
+        started.elapsed().as_secs_f64()
+    );
+}

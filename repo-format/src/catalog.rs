@@ -734,6 +734,26 @@ impl Catalog {
         Ok(n > 0)
     }
 
+    /// The ids of all catalogued snapshots, in no particular order.
+    pub fn snapshot_ids(&self) -> Result<Vec<Id>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id FROM snapshots")
+            .map_err(cat_err("preparing snapshot id list"))?;
+        let rows = st
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(cat_err("listing snapshot ids"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let id = row.map_err(cat_err("reading snapshot id"))?;
+            out.push(
+                Id::from_slice(&id)
+                    .ok_or_else(|| Error::corrupt("catalog", "snapshot id not 32 bytes"))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// All snapshots, oldest first.
     pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         let mut st = self

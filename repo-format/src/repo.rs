@@ -116,7 +116,7 @@ impl Repository {
         // pack is up to 32 MiB): old enough that no live writer owns them.
         crate::fsutil::sweep_stale(&root.join("tmp"), crate::fsutil::STALE_TMP, false);
         crate::fsutil::sweep_stale(&root.join("snapshots"), crate::fsutil::STALE_TMP, true);
-        Ok(Repository {
+        let repo = Repository {
             root: root.to_path_buf(),
             config,
             keys,
@@ -124,7 +124,42 @@ impl Repository {
             catalog: Mutex::new(catalog),
             tree_spans: SpanCache::default(),
             _lock: lock,
-        })
+        };
+        repo.adopt_snapshot_files()?;
+        Ok(repo)
+    }
+
+    /// Catalogue every snapshot file that has no catalog row: what a crash
+    /// between a commit's two steps (file, then row) leaves. The file is
+    /// the commit point (a writer writes it only once every blob it needs
+    /// is durable and catalogued), so the snapshot was committed and is
+    /// listed from now on, as a rebuild would. A file that does not verify
+    /// stays out, for `check` to report. Costs a directory listing and one
+    /// query per open; returns the number adopted.
+    fn adopt_snapshot_files(&self) -> Result<usize> {
+        let dir = self.snapshots_dir();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io("listing", &dir, e)),
+        };
+        let files: Vec<Id> = rd
+            .flatten()
+            .filter_map(|f| f.file_name().to_str().and_then(Id::from_hex))
+            .collect();
+        if files.is_empty() {
+            return Ok(0);
+        }
+        let cat = self.catalog()?;
+        let known: std::collections::HashSet<Id> = cat.snapshot_ids()?.into_iter().collect();
+        let mut adopted = 0;
+        for id in files.iter().filter(|id| !known.contains(id)) {
+            if let Ok(snap) = snapshot::read(&dir, &self.keys.metadata, id) {
+                cat.insert_snapshot(id, &snap)?;
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
     }
 
     /// Config, keys and lock, without the catalog (rebuild needs these when the catalog is gone).
@@ -398,6 +433,40 @@ mod tests {
             agent: None,
             source: None,
         }
+    }
+
+    /// A crash between a commit's file and its row: the next open lists
+    /// the snapshot; a file that does not verify stays out.
+    #[test]
+    fn open_catalogues_a_snapshot_file_left_without_its_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("repo");
+        let repo = test_repository(&root);
+        let a = repo.commit_snapshot(&snap(1)).expect("commit a");
+        let b = repo.commit_snapshot(&snap(2)).expect("commit b");
+        for id in [&a, &b] {
+            assert!(
+                repo.catalog()
+                    .expect("cat")
+                    .delete_snapshot(id)
+                    .expect("row")
+            );
+        }
+        let bad = repo.snapshots_dir().join(b.to_hex());
+        let mut bytes = std::fs::read(&bad).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&bad, bytes).expect("damage b");
+        drop(repo);
+        let repo = Repository::open(&root, b"pw", LockMode::Shared).expect("reopen");
+        let listed: Vec<Id> = repo
+            .snapshots()
+            .expect("list")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(listed, vec![a]);
+        assert_eq!(repo.adopt_snapshot_files().expect("again"), 0);
     }
 
     #[test]
