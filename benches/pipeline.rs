@@ -64,6 +64,7 @@ fn backup_opts(threads: usize) -> BackupOptions {
         excludes: Vec::new(),
         dirty: None,
         on_pack: None,
+        verify_parent: false,
     }
 }
 

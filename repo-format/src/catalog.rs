@@ -224,7 +224,12 @@ impl Catalog {
                 detail: "catalog is missing; run `hubvault repo rebuild-catalog` to recreate it from the packs".into(),
             });
         }
-        let mut c = Self::open_conn(path, true)?;
+        // A file too damaged to set up (a truncated header) fails here,
+        // before the integrity check: it needs the same advice.
+        let mut c = Self::open_conn(path, true).map_err(|e| Error::BadRepository {
+            path: path.to_path_buf(),
+            detail: format!("catalog unreadable ({e}); run `hubvault repo rebuild-catalog`"),
+        })?;
         let check: String = c
             .conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))

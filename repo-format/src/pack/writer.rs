@@ -47,6 +47,24 @@ pub struct PackWriter {
     hasher: blake3::Hasher,
     offset: u64,
     entries: Vec<PackEntry>,
+    /// Deletes the temporary file if the writer is dropped unfinished.
+    _unfinished: Unfinished,
+}
+
+/// Removes an unfinished pack's temporary file when dropped, unless
+/// disarmed by a successful [`PackWriter::finish`]: a writer abandoned on
+/// an error (a collector refusing a batch part way) must not leave up to a
+/// pack's worth of disk behind until the day-old sweep.
+struct Unfinished {
+    path: Option<PathBuf>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// A pack made durable by [`PackWriter::finish`].
@@ -72,6 +90,9 @@ impl PackWriter {
             window,
             fill: 0,
             written: 0,
+            _unfinished: Unfinished {
+                path: Some(path.clone()),
+            },
             path,
             hasher: blake3::Hasher::new(),
             offset: 0,
@@ -172,6 +193,7 @@ impl PackWriter {
             },
             &name,
         )?;
+        self._unfinished.path = None;
         Ok(FinishedPack {
             name,
             size: self.offset,
