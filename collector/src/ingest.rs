@@ -118,11 +118,13 @@ pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>
             true => repo.catalog()?.lookup(&b.id)?,
             false => None,
         };
+        // A stored copy found damaged is set aside: store this one.
+        let loc = match loc {
+            Some(loc) if compare_with_stored(ctx, site, &b, &loc)? == Stored::Damaged => None,
+            other => other,
+        };
         match loc {
-            Some(loc) => {
-                compare_with_stored(ctx, site, &b, &loc)?;
-                now_held.push(b.id.0.to_vec());
-            }
+            Some(_) => now_held.push(b.id.0.to_vec()),
             None => {
                 let w = match writer.as_mut() {
                     Some(w) => w,
@@ -146,9 +148,16 @@ pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>
                     .catalog()?
                     .lookup(&b.id)?
                     .ok_or(repo_format::Error::MissingBlob(b.id))?;
-                if loc.pack != fp.name {
-                    // A concurrent upload of the same id was catalogued first.
-                    compare_with_stored(ctx, site, &b, &loc)?;
+                // A concurrent upload of the same id was catalogued first.
+                // Its copy found damaged (and set aside) is refused here:
+                // ours is not catalogued, and the agent's retry stores it.
+                if loc.pack != fp.name
+                    && compare_with_stored(ctx, site, &b, &loc)? == Stored::Damaged
+                {
+                    return Err(ServiceError::Exhausted(format!(
+                        "blob {}: the stored copy was damaged and is set aside; send it again",
+                        b.id
+                    )));
                 }
             }
             now_held.push(b.id.0.to_vec());
@@ -160,16 +169,41 @@ pub fn ingest(ctx: &Ctx, site: &str, batch: Vec<Incoming>) -> Result<Vec<Vec<u8>
     Ok(acked)
 }
 
+/// What the comparison with the stored copy found.
+#[derive(Debug, PartialEq, Eq)]
+enum Stored {
+    /// The same bytes: the uploading site now holds the blob.
+    Same,
+    /// The stored copy's pack is damaged; it was set aside (see
+    /// `scrub::set_aside_if_damaged`), and the upload is to be stored.
+    Damaged,
+}
+
+/// Compare upload `b` with the stored copy at `loc`. Different bytes are
+/// refused (an integrity event) unless the stored copy's pack turns out to
+/// be damaged: sealing is deterministic, so a sound upload of the same id
+/// must match a sound stored copy.
 fn compare_with_stored(
     ctx: &Ctx,
     site: &str,
     b: &Incoming,
     loc: &repo_format::catalog::BlobLocation,
-) -> Result<(), ServiceError> {
+) -> Result<Stored, ServiceError> {
     let mut stored = vec![0u8; loc.length as usize];
-    ctx.repo
-        .store()
-        .read_at(&loc.pack, loc.offset, &mut stored)?;
+    let read = ctx.repo.store().read_at(&loc.pack, loc.offset, &mut stored);
+    if (read.is_err() || stored != b.sealed || loc.kind != b.kind)
+        && crate::scrub::set_aside_if_damaged(ctx, &loc.pack)?
+    {
+        return Ok(Stored::Damaged);
+    }
+    if let Err(e) = read {
+        // The path is the collector's business, not the agent's.
+        tracing::error!("reading the stored copy of blob {}: {e}", b.id);
+        return Err(ServiceError::Internal(format!(
+            "the stored copy of blob {} could not be read; the collector's log says why",
+            b.id
+        )));
+    }
     if stored != b.sealed || loc.kind != b.kind {
         let detail = format!(
             "site {site} uploaded blob {} whose sealed bytes differ from the stored copy; kept the stored copy",
@@ -181,5 +215,5 @@ fn compare_with_stored(
             b.id
         )));
     }
-    Ok(())
+    Ok(Stored::Same)
 }

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use proto::pb;
+use repo_format::pack::PackEntry;
 use repo_format::pack::reader::verify_checksum;
 use repo_format::{Id, Repository};
 
@@ -32,6 +33,12 @@ use crate::error::ServiceError;
 const PATHS_LISTED: usize = 20;
 /// Trees deeper than this are not walked for the affected-path report.
 const MAX_DEPTH: usize = 4096;
+
+/// Packs an upload's mismatch made us hash and found sound: see
+/// [`set_aside_if_damaged`].
+static SOUND: std::sync::Mutex<Option<HashSet<Id>>> = std::sync::Mutex::new(None);
+/// At most this many are remembered (then the set starts again).
+const SOUND_REMEMBERED: usize = 4096;
 
 /// One scrub at a time per collector.
 static RUNNING: AtomicBool = AtomicBool::new(false);
@@ -56,28 +63,16 @@ fn run(ctx: &Ctx, dry_run: bool) -> Result<pb::ScrubResponse, ServiceError> {
     let mut lost: HashSet<Id> = HashSet::new();
     for (name, size, _) in packs {
         resp.packs_checked += 1;
-        let Some(reason) = damage(repo, &name, size)? else {
+        let Some(reason) = damage(repo, &name, Some(size))? else {
             resp.bytes_checked += size;
             continue;
         };
         let entries = repo.pack_entries(&name)?;
-        let ids: Vec<Vec<u8>> = entries.iter().map(|e| e.id.0.to_vec()).collect();
         let sites = if dry_run {
+            let ids: Vec<Vec<u8>> = entries.iter().map(|e| e.id.0.to_vec()).collect();
             ctx.state.holders(&ids)?
         } else {
-            // The sites first: a crash before the pack is set aside leaves
-            // it catalogued, and the next scrub finds it again.
-            let sites = ctx.state.lose_blobs(&ids)?;
-            repo.quarantine_pack(&name, &entries)?;
-            ctx.state.event(
-                "integrity",
-                &format!(
-                    "scrub: pack {name} is damaged ({reason}); set aside with its {} blobs, \
-                     held by sites {sites:?}, whose agents will upload them again",
-                    entries.len()
-                ),
-            )?;
-            sites
+            set_aside(ctx, &name, &entries, &format!("scrub: {reason}"))?
         };
         lost.extend(entries.iter().map(|e| e.id));
         resp.damaged.push(pb::DamagedPack {
@@ -102,11 +97,76 @@ fn run(ctx: &Ctx, dry_run: bool) -> Result<pb::ScrubResponse, ServiceError> {
     Ok(resp)
 }
 
-/// What is wrong with pack `name` (catalogued at `size` bytes), or `None`.
-fn damage(repo: &Repository, name: &Id, size: u64) -> Result<Option<String>, ServiceError> {
+/// Set damaged pack `name` (holding `entries`) aside: the sites holding
+/// its blobs lose them (and are told), then the file moves to `damaged/`
+/// and the catalog forgets it. Returns those sites. `why` goes into the
+/// integrity event.
+fn set_aside(
+    ctx: &Ctx,
+    name: &Id,
+    entries: &[PackEntry],
+    why: &str,
+) -> Result<Vec<String>, ServiceError> {
+    let ids: Vec<Vec<u8>> = entries.iter().map(|e| e.id.0.to_vec()).collect();
+    // The sites first: a crash before the pack is set aside leaves it
+    // catalogued, and the next scrub finds it again.
+    let sites = ctx.state.lose_blobs(&ids)?;
+    ctx.repo.quarantine_pack(name, entries)?;
+    ctx.state.event(
+        "integrity",
+        &format!(
+            "pack {name} is damaged ({why}); set aside with its {} blobs, held by sites \
+             {sites:?}, whose agents will upload them again",
+            entries.len()
+        ),
+    )?;
+    Ok(sites)
+}
+
+/// For ingest: a stored copy that could not be read, or whose bytes differ
+/// from an upload of the same id, may be the stored copy's fault. When its
+/// pack is damaged, it is set aside as a scrub would and true is returned:
+/// the upload is then stored as a new blob instead of being refused.
+///
+/// A pack found sound is remembered for the life of the process (up to
+/// [`SOUND_REMEMBERED`] packs), so an agent sending forged copies of
+/// stored ids cannot make the collector hash a whole pack per blob; a pack
+/// damaged later is a scrub's to find.
+pub fn set_aside_if_damaged(ctx: &Ctx, name: &Id) -> Result<bool, ServiceError> {
+    let sound = || {
+        SOUND
+            .lock()
+            .map_err(|_| ServiceError::Internal("sound-pack set poisoned".into()))
+    };
+    if sound()?.as_ref().is_some_and(|s| s.contains(name)) {
+        return Ok(false);
+    }
+    let Some(reason) = damage(&ctx.repo, name, None)? else {
+        let mut guard = sound()?;
+        let s = guard.get_or_insert_with(HashSet::new);
+        if s.len() >= SOUND_REMEMBERED {
+            s.clear();
+        }
+        s.insert(*name);
+        return Ok(false);
+    };
+    let entries = ctx.repo.pack_entries(name)?;
+    set_aside(
+        ctx,
+        name,
+        &entries,
+        &format!("found by an upload: {reason}"),
+    )?;
+    Ok(true)
+}
+
+/// What is wrong with pack `name` (catalogued at `size` bytes, when
+/// known), or `None`.
+fn damage(repo: &Repository, name: &Id, size: Option<u64>) -> Result<Option<String>, ServiceError> {
     let store = repo.store();
     match store.size(name) {
-        Ok(actual) if actual != size => {
+        Ok(actual) if size.is_some_and(|s| s != actual) => {
+            let size = size.unwrap_or_default();
             return Ok(Some(format!("size {actual}, catalogued {size}")));
         }
         Ok(_) => {}
