@@ -2336,8 +2336,8 @@ fn one_agent_gets_a_bounded_number_of_upload_streams_and_bytes_in_flight() {
     });
 }
 
-/// The largest pack file under the collector's `repo/packs`.
-fn largest_pack(c: &Collector) -> PathBuf {
+/// The pack files under the collector's `repo/packs`, smallest first.
+fn packs_by_size(c: &Collector) -> Vec<PathBuf> {
     let packs = c.dir.path().join("data/repo/packs");
     let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(&packs)
         .expect("packs dir")
@@ -2346,7 +2346,7 @@ fn largest_pack(c: &Collector) -> PathBuf {
         .map(|f| (f.metadata().expect("stat").len(), f.path()))
         .collect();
     all.sort();
-    all.pop().expect("a pack").1
+    all.into_iter().map(|(_, p)| p).collect()
 }
 
 fn scrub(c: &Collector, dry_run: bool) -> (i32, serde_json::Value) {
@@ -2365,12 +2365,13 @@ fn scrub(c: &Collector, dry_run: bool) -> (i32, serde_json::Value) {
     (o.status.code().expect("exit code"), v)
 }
 
-/// RELIABILITY.md scenario 5 (damaged pack at rest): a scrub names the
-/// damaged pack, the site that held its blobs and the snapshot and path
-/// that need them; it sets the pack aside. A restore needing it then fails
-/// loudly; the agent's next backup (data unchanged) uploads the lost
-/// chunks again, after which the OLD snapshot restores bit-exact and the
-/// repository checks clean.
+/// RELIABILITY.md scenario 5 (damaged packs at rest): one data pack with a
+/// flipped bit, the tree pack truncated to half. A scrub names both, the
+/// site that held their blobs and the snapshot and path that need them;
+/// it sets them aside. A restore then fails loudly; the agent's next
+/// backup (data unchanged) uploads the lost chunks and trees again, after
+/// which the OLD snapshot restores bit-exact and the repository checks
+/// clean.
 #[test]
 fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
     use integration_tests::compare;
@@ -2394,31 +2395,37 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let first = c.snapshot_ids()[0].clone();
 
-    let pack = largest_pack(&c);
-    let name = pack
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("name")
-        .to_string();
+    let all = packs_by_size(&c);
+    let (trees, pack) = (all[0].clone(), all[all.len() - 1].clone());
+    let name_of = |p: &Path| -> String {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+            .to_string()
+    };
     let mut bytes = std::fs::read(&pack).expect("read pack");
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     std::fs::write(&pack, &bytes).expect("flip a bit");
+    let damaged = |v: &serde_json::Value| -> Vec<String> {
+        let d = v["damaged"].as_array().expect("damaged");
+        assert!(
+            d.iter().all(|p| p["sites"] == serde_json::json!(["paris"])),
+            "{v}"
+        );
+        d.iter()
+            .map(|p| p["pack"].as_str().expect("pack").to_string())
+            .collect()
+    };
 
     let (code, dry) = scrub(&c, true);
     assert_eq!(code, 3, "{dry}");
-    assert_eq!(
-        dry["damaged"].as_array().expect("damaged").len(),
-        1,
-        "{dry}"
-    );
-    assert_eq!(dry["damaged"][0]["pack"], name.as_str());
-    assert_eq!(dry["damaged"][0]["sites"], serde_json::json!(["paris"]));
+    assert_eq!(damaged(&dry), [name_of(&pack)], "{dry}");
     assert!(pack.exists(), "a dry run moves nothing");
 
     let (code, done) = scrub(&c, false);
     assert_eq!(code, 3, "{done}");
-    assert_eq!(done["damaged"][0]["pack"], name.as_str());
+    assert_eq!(damaged(&done), [name_of(&pack)], "{done}");
     let affected = done["affected"].as_array().expect("affected");
     assert_eq!(affected.len(), 1, "{done}");
     assert_eq!(affected[0]["snapshot"], first.as_str());
@@ -2430,14 +2437,40 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
             .any(|p| p.as_str().is_some_and(|p| p.ends_with("sub/big.bin"))),
         "{done}"
     );
-    assert!(!pack.exists());
-    assert!(c.dir.path().join("data/repo/damaged").join(&name).exists());
+    // Then the tree pack, truncated to half: every tree is lost.
+    let half = std::fs::metadata(&trees).expect("stat").len() / 2;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&trees)
+        .and_then(|f| f.set_len(half))
+        .expect("truncate");
+    let (code, done) = scrub(&c, false);
+    assert_eq!(code, 3, "{done}");
+    assert_eq!(damaged(&done), [name_of(&trees)], "{done}");
+    assert!(
+        done["damaged"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("size ")),
+        "{done}"
+    );
+    assert_eq!(done["affected"][0]["paths"], serde_json::json!(["/"]));
+    for p in [&pack, &trees] {
+        assert!(!p.exists());
+        assert!(
+            c.dir
+                .path()
+                .join("data/repo/damaged")
+                .join(name_of(p))
+                .exists()
+        );
+    }
 
-    // A restore that needs the lost chunks fails, and says so.
+    // A restore that needs the lost blobs fails, and says so: at once
+    // (its root tree is gone), or as a failed job.
     let _agent = KillOnDrop(spawn_agent(&lyon));
     let lyon_id = c.online_agent("lyon");
     let broken = tmp.path().join("broken");
-    let job = c.ok(&[
+    let o = c.hubvault(&[
         "restore",
         &first,
         "--to-agent",
@@ -2445,12 +2478,18 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
         "--target",
         broken.to_str().expect("utf8"),
     ]);
-    let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "120"]);
-    assert!(
-        !o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    if o.status.success() {
+        let job = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let o = c.hubvault(&["jobs", "--wait", &job, "--timeout", "120"]);
+        assert!(
+            !o.status.success(),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    } else {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("not in the catalog"), "{err}");
+    }
 
     // The data is unchanged at Paris: the next backup reads the file again
     // (its chunks are no longer known) and uploads them.
