@@ -86,18 +86,6 @@ fn an_expired_enrollment_token_is_refused_and_enrolls_nothing() {
     assert_eq!(c.agents().len(), 1);
 }
 
-/// A collector with sites paris and lyon, one enrolled agent each (state
-/// directories under the returned temporary directory).
-fn paris_and_lyon() -> (Collector, tempfile::TempDir, PathBuf, PathBuf) {
-    let c = Collector::start();
-    c.ok(&["site", "add", "paris"]);
-    c.ok(&["site", "add", "lyon"]);
-    let tmp = tempfile::tempdir().expect("tmp");
-    let paris = enrolled(&c, "paris", tmp.path());
-    let lyon = enrolled(&c, "lyon", tmp.path());
-    (c, tmp, paris, lyon)
-}
-
 /// The collector's data directory.
 fn data_dir(c: &Collector) -> PathBuf {
     c.dir.path().join("data")
@@ -326,33 +314,6 @@ fn a_deleted_catalog_refuses_start_until_rebuilt() {
             }
         }
     });
-}
-
-/// A tree blob an agent crafts: `entries` encoded and sealed under the
-/// spool's metadata key, ready to upload; and its id.
-fn crafted_tree(
-    spool: &repo_format::Repository,
-    entries: &[repo_format::tree::Entry],
-) -> (repo_format::Id, pb::UploadBlob) {
-    let keys = spool.keys();
-    let mut sealer = repo_format::blob::Sealer::new(spool.config().zstd_level).expect("sealer");
-    let body = repo_format::tree::encode(entries).expect("encode");
-    let id = keys.metadata.id_of(&body);
-    let sealed = sealer
-        .seal(
-            &keys.metadata,
-            repo_format::blob::BlobKind::Tree,
-            &id,
-            &body,
-        )
-        .expect("seal tree");
-    let blob = pb::UploadBlob {
-        kind: 1,
-        id: id.0.to_vec(),
-        sealed,
-        raw_length: body.len() as u32,
-    };
-    (id, blob)
 }
 
 /// What the tree-forgery tests upload, all sealed with Lyon's keys.

@@ -624,18 +624,6 @@ fn agent_reconnects_promptly_after_each_of_many_collector_restarts() {
     }
 }
 
-/// A collector with sites paris and lyon, one enrolled agent each (state
-/// directories under the returned temporary directory).
-fn paris_and_lyon() -> (Collector, tempfile::TempDir, PathBuf, PathBuf) {
-    let c = Collector::start();
-    c.ok(&["site", "add", "paris"]);
-    c.ok(&["site", "add", "lyon"]);
-    let tmp = tempfile::tempdir().expect("tmp");
-    let paris = enrolled(&c, "paris", tmp.path());
-    let lyon = enrolled(&c, "lyon", tmp.path());
-    (c, tmp, paris, lyon)
-}
-
 /// DESIGN.md "Sites share storage, not knowledge": a chunk Paris stored is
 /// sent once more by Lyon, compared byte for byte and stored once; a copy
 /// whose bytes differ is refused (integrity event) and nothing is stored.
@@ -824,33 +812,6 @@ fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
         assert!(e.message().contains("not uploaded by this site"), "{e:?}");
         commit(good, 2).await.expect("Lyon's own tree commits");
     });
-}
-
-/// A tree blob an agent crafts: `entries` encoded and sealed under the
-/// spool's metadata key, ready to upload; and its id.
-fn crafted_tree(
-    spool: &repo_format::Repository,
-    entries: &[repo_format::tree::Entry],
-) -> (repo_format::Id, pb::UploadBlob) {
-    let keys = spool.keys();
-    let mut sealer = repo_format::blob::Sealer::new(spool.config().zstd_level).expect("sealer");
-    let body = repo_format::tree::encode(entries).expect("encode");
-    let id = keys.metadata.id_of(&body);
-    let sealed = sealer
-        .seal(
-            &keys.metadata,
-            repo_format::blob::BlobKind::Tree,
-            &id,
-            &body,
-        )
-        .expect("seal tree");
-    let blob = pb::UploadBlob {
-        kind: 1,
-        id: id.0.to_vec(),
-        sealed,
-        raw_length: body.len() as u32,
-    };
-    (id, blob)
 }
 
 /// A snapshot whose trees name one subtree twice at every level (T_k =
