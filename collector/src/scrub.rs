@@ -164,16 +164,15 @@ pub fn set_aside_if_damaged(ctx: &Ctx, name: &Id) -> Result<bool, ServiceError> 
 /// known), or `None`.
 fn damage(repo: &Repository, name: &Id, size: Option<u64>) -> Result<Option<String>, ServiceError> {
     let store = repo.store();
-    match store.size(name) {
-        Ok(actual) if size.is_some_and(|s| s != actual) => {
-            let size = size.unwrap_or_default();
+    match (store.size(name), size) {
+        (Ok(actual), Some(size)) if actual != size => {
             return Ok(Some(format!("size {actual}, catalogued {size}")));
         }
-        Ok(_) => {}
-        Err(e) if io_kind(&e) == Some(std::io::ErrorKind::NotFound) => {
+        (Ok(_), _) => {}
+        (Err(e), _) if io_kind(&e) == Some(std::io::ErrorKind::NotFound) => {
             return Ok(Some("missing".into()));
         }
-        Err(e) => return Err(e.into()),
+        (Err(e), _) => return Err(e.into()),
     }
     match verify_checksum(store.as_ref(), name) {
         Ok(()) => Ok(None),

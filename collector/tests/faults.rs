@@ -475,20 +475,9 @@ fn a_tree_uploaded_under_an_id_its_bytes_do_not_open_to_is_refused() {
             .expect("missing")
             .into_inner();
         assert_eq!(m.missing, vec![claimed.0.to_vec()], "still lacking");
-        let commit = |root: repo_format::Id, key: u8| {
-            let mut l = l.clone();
-            async move {
-                l.commit_snapshot(pb::CommitSnapshotRequest {
-                    protocol: PROTOCOL,
-                    idempotency_key: vec![key; 16],
-                    source: "x".into(),
-                    root_tree: root.0.to_vec(),
-                    ..Default::default()
-                })
-                .await
-            }
-        };
-        let e = commit(claimed, 1).await.expect_err("a tree never stored");
+        let e = commit_root(&l, claimed, 1)
+            .await
+            .expect_err("a tree never stored");
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
 
         // Control: the honest upload of the tree is stored and commits.
@@ -508,7 +497,9 @@ fn a_tree_uploaded_under_an_id_its_bytes_do_not_open_to_is_refused() {
             acks.into_iter().flat_map(|a| a.ids).collect::<Vec<_>>(),
             vec![real.0.to_vec()]
         );
-        commit(real, 2).await.expect("the honest tree commits");
+        commit_root(&l, real, 2)
+            .await
+            .expect("the honest tree commits");
     });
     assert_eq!(c.snapshot_ids().len(), 1, "only the honest commit");
 }

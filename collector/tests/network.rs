@@ -794,23 +794,14 @@ fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
             .await;
         let n: usize = acks.iter().map(|a| a.ids.len()).sum();
         assert_eq!(n, 3, "all three stored and acknowledged");
-        let commit = |root: repo_format::Id, key: u8| {
-            let mut l = l.clone();
-            async move {
-                l.commit_snapshot(pb::CommitSnapshotRequest {
-                    protocol: PROTOCOL,
-                    idempotency_key: vec![key; 16],
-                    source: "x".into(),
-                    root_tree: root.0.to_vec(),
-                    ..Default::default()
-                })
-                .await
-            }
-        };
-        let e = commit(bad, 1).await.expect_err("a chunk Lyon lacks");
+        let e = commit_root(&l, bad, 1)
+            .await
+            .expect_err("a chunk Lyon lacks");
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
         assert!(e.message().contains("not uploaded by this site"), "{e:?}");
-        commit(good, 2).await.expect("Lyon's own tree commits");
+        commit_root(&l, good, 2)
+            .await
+            .expect("Lyon's own tree commits");
     });
 }
 

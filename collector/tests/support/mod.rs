@@ -452,3 +452,21 @@ pub fn crafted_tree(
     };
     (id, blob)
 }
+
+/// Commit `root` as source "x" through agent client `l`, with an
+/// idempotency key of 16 bytes `key`: for tests that craft their own trees.
+pub async fn commit_root(
+    l: &proto::pb::agent_service_client::AgentServiceClient<Channel>,
+    root: repo_format::Id,
+    key: u8,
+) -> Result<tonic::Response<proto::pb::CommitSnapshotResponse>, tonic::Status> {
+    l.clone()
+        .commit_snapshot(proto::pb::CommitSnapshotRequest {
+            protocol: proto::limits::PROTOCOL,
+            idempotency_key: vec![key; 16],
+            source: "x".into(),
+            root_tree: root.0.to_vec(),
+            ..Default::default()
+        })
+        .await
+}
