@@ -2330,18 +2330,9 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
     let (c, tmp, paris, lyon) = paris_and_lyon();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(src.join("sub")).expect("mkdir");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut noise = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
-    std::fs::write(src.join("sub/big.bin"), noise(3 << 20)).expect("write");
+    let big =
+        integration_tests::fixture::content(3 << 20, 7, integration_tests::fixture::Fill::Random);
+    std::fs::write(src.join("sub/big.bin"), big).expect("write");
     std::fs::write(src.join("small.txt"), b"small and untouched").expect("write");
     let o = agent_backup(&paris, &src);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
