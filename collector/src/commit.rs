@@ -7,6 +7,8 @@
 //! snapshot's site, agent and time are the collector's, never the request's.
 //! A retry with the same idempotency key returns the same snapshot.
 
+use std::collections::{HashMap, HashSet};
+
 use repo_format::Id;
 use repo_format::blob::BlobKind;
 use repo_format::snapshot::{BackupIssue, Snapshot, SnapshotStats};
@@ -58,7 +60,10 @@ pub fn commit(ctx: &Ctx, r: CommitRequest) -> Result<(Id, i64), ServiceError> {
         }
         None => None,
     };
-    let verified = verify_tree(ctx, &r.site, &r.root)?;
+    let Verified {
+        trees: verified,
+        entries,
+    } = verify_tree(ctx, &r.site, &r.root)?;
     let time_ns = earlier.map_or_else(now_ns, |(_, t)| t);
     let site = r.site.clone();
     let agent_id = r.agent_id.clone();
@@ -92,7 +97,8 @@ pub fn commit(ctx: &Ctx, r: CommitRequest) -> Result<(Id, i64), ServiceError> {
     }
     ctx.repo.commit_snapshot(&snap)?;
     ctx.state.add_verified_trees(&site, &verified)?;
-    tracing::info!(snapshot = %id.short(), site = %site, agent = %agent_id, "snapshot committed");
+    tracing::info!(snapshot = %id.short(), site = %site, agent = %agent_id, entries,
+        "snapshot committed");
     Ok((id, time_ns))
 }
 
@@ -104,7 +110,35 @@ fn stored_id(raw: &[u8]) -> Result<Id, ServiceError> {
 /// checked together: sorted, a batch walks both B-trees in key order.
 const CHUNK_BATCH: usize = 16 * 1024;
 
-/// Check every tree and chunk below `root` for `site`; returns the trees checked.
+/// The most entries (files, directories, links, counted along every path)
+/// a committed snapshot may expand to: 2^30, past any file system an office
+/// keeps (an ext4 file system holds at most 2^32 inodes), far below what a
+/// crafted one reaches. Identical directories share a tree, so a snapshot
+/// of 41 trees that each name the one below twice lists 2^40 paths; every
+/// `ls`, `check` and restore of it would walk them all. The bound is
+/// checked at commit, from counts kept per verified tree, so a restore
+/// never meets such a snapshot.
+pub const MAX_SNAPSHOT_ENTRIES: u64 = 1 << 30;
+
+/// One step of the commit check's depth-first walk.
+enum Visit {
+    /// Check this tree (unless known) and schedule its subtrees.
+    Enter(Id),
+    /// Its subtrees are counted: add them up. Holds the tree's own entry
+    /// count and its subtrees (as often as it names each).
+    Leave(Id, u64, Vec<Id>),
+}
+
+/// What a commit check found.
+struct Verified {
+    /// The trees it checked, each with the entries it expands to.
+    trees: Vec<(Vec<u8>, u64)>,
+    /// The entries the root expands to.
+    entries: u64,
+}
+
+/// Check every tree and chunk below `root` for `site`, and count the
+/// entries each new tree expands to.
 ///
 /// Chunks are checked in batches across trees, not a lookup per chunk (a
 /// 200 000-file first backup lists as many): the site's holdings
@@ -112,34 +146,80 @@ const CHUNK_BATCH: usize = 16 * 1024;
 /// time on two threads, each batch in key order. On a 200 000-file first
 /// backup the agent waits idle for this check, so both cores are free.
 ///
-/// Each distinct tree is checked once: identical directories share a tree
-/// id, and a crafted snapshot can name one subtree twice at every level
-/// (41 trees of two entries each would otherwise be 2^41 visits).
-fn verify_tree(ctx: &Ctx, site: &str, root: &Id) -> Result<Vec<Vec<u8>>, ServiceError> {
+/// Each distinct tree is checked and counted once (its count is the sum of
+/// its subtrees', after them): identical directories share a tree id, and
+/// a crafted snapshot can name one subtree twice at every level. Memory
+/// holds a count per distinct tree walked, not per path.
+fn verify_tree(ctx: &Ctx, site: &str, root: &Id) -> Result<Verified, ServiceError> {
     let mut checked = Vec::new();
-    let mut seen: std::collections::HashSet<Id> = std::collections::HashSet::new();
-    let mut stack = vec![*root];
+    let mut expanded: HashMap<Id, u64> = HashMap::new();
+    // Trees entered and not yet left: meeting one again is a cycle.
+    let mut open: HashSet<Id> = HashSet::new();
+    let mut stack = vec![Visit::Enter(*root)];
     // (chunk, the tree that lists it), for the error message.
     let mut pending: Vec<(Id, Id)> = Vec::new();
-    while let Some(t) = stack.pop() {
-        if !seen.insert(t) || ctx.state.tree_verified(site, &t.0)? {
-            continue;
-        }
-        require(ctx, site, &[(t, t)], BlobKind::Tree)?;
-        let entries = ctx.repo.read_tree(&t)?;
-        for e in entries {
-            if let Some(s) = e.subtree {
-                stack.push(s);
+    while let Some(v) = stack.pop() {
+        match v {
+            Visit::Enter(t) => {
+                if expanded.contains_key(&t) {
+                    continue;
+                }
+                if !open.insert(t) {
+                    return Err(ServiceError::Invalid(format!("tree {t} contains itself")));
+                }
+                if let Some(n) = ctx.state.tree_verified(site, &t.0)? {
+                    open.remove(&t);
+                    expanded.insert(t, n);
+                    continue;
+                }
+                require(ctx, site, &[(t, t)], BlobKind::Tree)?;
+                let entries = ctx.repo.read_tree(&t)?;
+                let own = entries.len() as u64;
+                let mut subtrees = Vec::new();
+                for e in entries {
+                    if let Some(s) = e.subtree {
+                        subtrees.push(s);
+                    }
+                    pending.extend(e.chunks.into_iter().map(|c| (c, t)));
+                }
+                if pending.len() >= CHUNK_BATCH {
+                    require(ctx, site, &sorted(&mut pending), BlobKind::Data)?;
+                }
+                // Leave goes below its subtrees, so it runs after them.
+                let enter: Vec<Visit> = subtrees.iter().map(|s| Visit::Enter(*s)).collect();
+                stack.push(Visit::Leave(t, own, subtrees));
+                stack.extend(enter);
             }
-            pending.extend(e.chunks.into_iter().map(|c| (c, t)));
+            Visit::Leave(t, own, subtrees) => {
+                let mut n = own;
+                for s in &subtrees {
+                    let below = expanded.get(s).copied().ok_or_else(|| {
+                        ServiceError::Internal(format!("subtree {s} of {t} was not counted"))
+                    })?;
+                    n = n.saturating_add(below);
+                }
+                if n > MAX_SNAPSHOT_ENTRIES {
+                    return Err(ServiceError::Invalid(format!(
+                        "tree {t} expands to more than {MAX_SNAPSHOT_ENTRIES} entries \
+                         (directories named more than once are counted each time): \
+                         a snapshot of it cannot be restored; refused"
+                    )));
+                }
+                open.remove(&t);
+                expanded.insert(t, n);
+                checked.push((t.0.to_vec(), n));
+            }
         }
-        if pending.len() >= CHUNK_BATCH {
-            require(ctx, site, &sorted(&mut pending), BlobKind::Data)?;
-        }
-        checked.push(t.0.to_vec());
     }
     require(ctx, site, &sorted(&mut pending), BlobKind::Data)?;
-    Ok(checked)
+    let total = expanded
+        .get(root)
+        .copied()
+        .ok_or_else(|| ServiceError::Internal(format!("root tree {root} was not counted")))?;
+    Ok(Verified {
+        trees: checked,
+        entries: total,
+    })
 }
 
 /// `pending` sorted by chunk id, each chunk once.
@@ -216,7 +296,7 @@ mod tests {
     fn request(ctx: &Ctx, key: u8) -> CommitRequest {
         let root = Id([7; 32]);
         ctx.state
-            .add_verified_trees("paris", &[root.0.to_vec()])
+            .add_verified_trees("paris", &[(root.0.to_vec(), 0)])
             .expect("verified tree");
         CommitRequest {
             site: "paris".into(),

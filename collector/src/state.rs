@@ -53,10 +53,13 @@ CREATE TABLE IF NOT EXISTS site_holdings (
     site TEXT NOT NULL,
     PRIMARY KEY (id, site)
 ) WITHOUT ROWID;
--- Trees whose whole subtree was verified present for a site at a commit.
+-- Trees whose whole subtree was verified present for a site at a commit,
+-- with the number of entries the subtree expands to (counted along every
+-- path). A row without it (from before the column) is verified again.
 CREATE TABLE IF NOT EXISTS site_trees (
-    site TEXT NOT NULL,
-    id   BLOB NOT NULL,
+    site    TEXT NOT NULL,
+    id      BLOB NOT NULL,
+    entries INTEGER,
     PRIMARY KEY (site, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS commits (
@@ -203,6 +206,7 @@ impl State {
         // them opens and reads them as empty policies ("{}" = all defaults).
         add_column(&conn, "sources", "policy", "TEXT NOT NULL DEFAULT '{}'")?;
         add_column(&conn, "sites", "policy", "TEXT NOT NULL DEFAULT '{}'")?;
+        add_column(&conn, "site_trees", "entries", "INTEGER")?;
         migrate_site_blobs(&conn)?;
         Ok(State {
             conn: Mutex::new(conn),
@@ -475,22 +479,31 @@ impl State {
         Ok(())
     }
 
-    /// True when `tree`'s whole subtree was verified for `site`.
-    pub fn tree_verified(&self, site: &str, tree: &[u8]) -> Result<bool, ServiceError> {
+    /// The number of entries `tree` expands to, when its whole subtree was
+    /// verified for `site`; `None` when it must be verified.
+    pub fn tree_verified(&self, site: &str, tree: &[u8]) -> Result<Option<u64>, ServiceError> {
         let c = self.conn()?;
-        let mut st = c.prepare_cached("SELECT 1 FROM site_trees WHERE site = ?1 AND id = ?2")?;
-        Ok(st.exists(params![site, tree])?)
+        let mut st = c.prepare_cached(
+            "SELECT entries FROM site_trees WHERE site = ?1 AND id = ?2 AND entries IS NOT NULL",
+        )?;
+        let n: Option<i64> = st.query_row(params![site, tree], |r| r.get(0)).optional()?;
+        Ok(n.map(|n| n as u64))
     }
 
-    /// Record verified trees.
-    pub fn add_verified_trees(&self, site: &str, trees: &[Vec<u8>]) -> Result<(), ServiceError> {
+    /// Record verified trees, each with the entries it expands to.
+    pub fn add_verified_trees(
+        &self,
+        site: &str,
+        trees: &[(Vec<u8>, u64)],
+    ) -> Result<(), ServiceError> {
         let mut c = self.conn()?;
         let tx = c.transaction()?;
         {
-            let mut st =
-                tx.prepare_cached("INSERT OR IGNORE INTO site_trees(site, id) VALUES (?1, ?2)")?;
-            for t in trees {
-                st.execute(params![site, t])?;
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO site_trees(site, id, entries) VALUES (?1, ?2, ?3)",
+            )?;
+            for (t, n) in trees {
+                st.execute(params![site, t, *n as i64])?;
             }
         }
         tx.commit()?;
@@ -948,6 +961,30 @@ mod tests {
             .expect("token");
         let (_, agent, _) = st.enroll(&[1; 16], "host").expect("enroll");
         (st, agent)
+    }
+
+    /// A `site_trees` row from before the entry counts is verified again
+    /// (the commit check needs every count) and then keeps its count.
+    #[test]
+    fn verified_trees_from_before_entry_counts_are_verified_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(
+                "CREATE TABLE site_trees (site TEXT NOT NULL, id BLOB NOT NULL,
+                     PRIMARY KEY (site, id)) WITHOUT ROWID;
+                 INSERT INTO site_trees VALUES ('paris', x'01');",
+            )
+            .expect("old schema");
+        }
+        let st = State::open(&path).expect("reopen");
+        assert_eq!(st.tree_verified("paris", &[1]).expect("read"), None);
+        st.add_verified_trees("paris", &[(vec![1], 7), (vec![2], 3)])
+            .expect("record");
+        assert_eq!(st.tree_verified("paris", &[1]).expect("read"), Some(7));
+        assert_eq!(st.tree_verified("paris", &[2]).expect("read"), Some(3));
+        assert_eq!(st.tree_verified("lyon", &[2]).expect("read"), None);
     }
 
     #[test]

@@ -806,12 +806,14 @@ fn an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit() {
 }
 
 /// A snapshot whose trees name one subtree twice at every level (T_k =
-/// {a: T_k-1, b: T_k-1}, 40 levels: 2^40 paths from 41 small trees) is
-/// verified at commit by checking each distinct tree once. Walked path by
-/// path, as the commit check did, it would not finish in any time: an
-/// enrolled agent could tie up the collector's blocking threads and memory.
+/// {a: T_k-1, b: T_k-1}) is checked at commit one distinct tree at a time.
+/// At 10 levels (a few thousand paths) it commits. At 40 levels (2^40 paths
+/// from 41 small trees) it is refused, at once, as expanding past
+/// `MAX_SNAPSHOT_ENTRIES`: walked path by path, as the first commit check
+/// did, it would not finish in any time, and committed, every `ls`, check
+/// and restore of it would walk 2^40 paths.
 #[test]
-fn a_commit_naming_one_subtree_many_times_checks_each_tree_once() {
+fn a_commit_naming_one_subtree_many_times_is_counted_once_per_tree_and_bounded() {
     let (c, tmp, _paris, lyon) = paris_and_lyon();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
@@ -822,7 +824,8 @@ fn a_commit_naming_one_subtree_many_times_checks_each_tree_once() {
     // The backed-up tree (known to the site) is the bottom level.
     let mut below = snap.tree;
     let mut blobs = Vec::new();
-    for _ in 0..40 {
+    let mut level_10 = below;
+    for level in 1..=40 {
         let dir = |name: &[u8]| {
             let mut e =
                 repo_format::tree::Entry::new(name.to_vec(), repo_format::tree::EntryKind::Dir);
@@ -833,8 +836,12 @@ fn a_commit_naming_one_subtree_many_times_checks_each_tree_once() {
         let (id, blob) = crafted_tree(&spool, &[dir(b"a"), dir(b"b")]);
         blobs.push(blob);
         below = id;
+        if level == 10 {
+            level_10 = id;
+        }
     }
     drop(spool);
+    let before = c.snapshot_ids().len();
     rt().block_on(async {
         use tokio_stream::StreamExt;
         let ch = c.channel(Some((&lyon, "agent"))).await.expect("connects");
@@ -852,20 +859,23 @@ fn a_commit_naming_one_subtree_many_times_checks_each_tree_once() {
             .collect()
             .await;
         assert_eq!(acks.iter().map(|a| a.ids.len()).sum::<usize>(), 40);
+        commit_root(&l, level_10, 6)
+            .await
+            .expect("10 levels: every tree and chunk is the site's, it commits");
         // A bound for a hang, not a speed assertion: the check takes
         // milliseconds; path by path it would take longer than the universe.
-        let commit = l.commit_snapshot(pb::CommitSnapshotRequest {
-            protocol: PROTOCOL,
-            idempotency_key: vec![7; 16],
-            source: "x".into(),
-            root_tree: below.0.to_vec(),
-            ..Default::default()
-        });
-        tokio::time::timeout(Duration::from_secs(60), commit)
+        let e = tokio::time::timeout(Duration::from_secs(60), commit_root(&l, below, 7))
             .await
             .expect("the commit check finishes")
-            .expect("every tree and chunk is the site's: it commits");
+            .expect_err("2^40 paths are refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("expands to more than"), "{e:?}");
     });
+    assert_eq!(
+        c.snapshot_ids().len(),
+        before + 1,
+        "the 10-level snapshot, not the refused one"
+    );
 }
 
 /// An agent may hold a bounded number of blob-read streams open: one that
