@@ -45,6 +45,10 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    /// Data a caller may read is gone from the repository (a scrub set its
+    /// pack aside): DATA_LOSS, distinct from a bug or a missing right.
+    #[error("data lost: {0}")]
+    Lost(String),
     /// A per-caller limit is reached (see `budget`): retry later.
     #[error("resource exhausted: {0}")]
     Exhausted(String),
@@ -80,6 +84,7 @@ impl From<ServiceError> for Status {
             ServiceError::NotFound(_) => Status::not_found(msg),
             ServiceError::Exists(_) => Status::already_exists(msg),
             ServiceError::Exhausted(_) => Status::resource_exhausted(msg),
+            ServiceError::Lost(_) => Status::data_loss(msg),
             ServiceError::Repo(ref r) if r.is_integrity() => Status::data_loss(msg),
             ServiceError::Repo(_)
             | ServiceError::State(_)

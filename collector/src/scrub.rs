@@ -162,6 +162,16 @@ pub fn set_aside_if_damaged(ctx: &Ctx, name: &Id) -> Result<bool, ServiceError> 
 
 /// What is wrong with pack `name` (catalogued at `size` bytes, when
 /// known), or `None`.
+/// The error for a blob a caller may read that is no longer catalogued
+/// (DATA_LOSS): what happened and how it comes back.
+pub fn lost_blob(id: &Id) -> ServiceError {
+    ServiceError::Lost(format!(
+        "blob {id} is no longer in the repository (its pack was damaged and set \
+         aside; `hubvault scrub --dry-run` lists what is affected). The next backup \
+         of an office that still has the data uploads it again; then retry"
+    ))
+}
+
 fn damage(repo: &Repository, name: &Id, size: Option<u64>) -> Result<Option<String>, ServiceError> {
     let store = repo.store();
     match (store.size(name), size) {

@@ -2360,10 +2360,12 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     std::fs::write(&pack, &bytes).expect("flip a bit");
-    let damaged = |v: &serde_json::Value| -> Vec<String> {
+    // The sites that held the pack's blobs: Paris, and Lyon once a restore
+    // job granted it the snapshot's blobs.
+    let damaged = |v: &serde_json::Value, sites: &[&str]| -> Vec<String> {
         let d = v["damaged"].as_array().expect("damaged");
         assert!(
-            d.iter().all(|p| p["sites"] == serde_json::json!(["paris"])),
+            d.iter().all(|p| p["sites"] == serde_json::json!(sites)),
             "{v}"
         );
         d.iter()
@@ -2373,12 +2375,12 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
 
     let (code, dry) = scrub(&c, true);
     assert_eq!(code, 3, "{dry}");
-    assert_eq!(damaged(&dry), [name_of(&pack)], "{dry}");
+    assert_eq!(damaged(&dry, &["paris"]), [name_of(&pack)], "{dry}");
     assert!(pack.exists(), "a dry run moves nothing");
 
     let (code, done) = scrub(&c, false);
     assert_eq!(code, 3, "{done}");
-    assert_eq!(damaged(&done), [name_of(&pack)], "{done}");
+    assert_eq!(damaged(&done, &["paris"]), [name_of(&pack)], "{done}");
     let affected = done["affected"].as_array().expect("affected");
     assert_eq!(affected.len(), 1, "{done}");
     assert_eq!(affected[0]["snapshot"], first.as_str());
@@ -2390,6 +2392,23 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
             .any(|p| p.as_str().is_some_and(|p| p.ends_with("sub/big.bin"))),
         "{done}"
     );
+    // The trees are intact: a restore job starts and fails on the lost
+    // chunks, saying the collector lost them, not that it has a bug.
+    let _agent = KillOnDrop(spawn_agent(&lyon));
+    let lyon_id = c.online_agent("lyon");
+    let partial = tmp.path().join("partial");
+    let job = c.ok(&[
+        "restore",
+        &first,
+        "--to-agent",
+        &lyon_id,
+        "--target",
+        partial.to_str().expect("utf8"),
+    ]);
+    let o = c.hubvault(&["jobs", "--wait", job.trim(), "--timeout", "120"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("no longer in the repository"), "{out}");
     // Then the tree pack, truncated to half: every tree is lost.
     let half = std::fs::metadata(&trees).expect("stat").len() / 2;
     std::fs::OpenOptions::new()
@@ -2399,7 +2418,11 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
         .expect("truncate");
     let (code, done) = scrub(&c, false);
     assert_eq!(code, 3, "{done}");
-    assert_eq!(damaged(&done), [name_of(&trees)], "{done}");
+    assert_eq!(
+        damaged(&done, &["lyon", "paris"]),
+        [name_of(&trees)],
+        "{done}"
+    );
     assert!(
         done["damaged"][0]["reason"]
             .as_str()
@@ -2418,10 +2441,8 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
         );
     }
 
-    // A restore that needs the lost blobs fails, and says so: at once
-    // (its root tree is gone), or as a failed job.
-    let _agent = KillOnDrop(spawn_agent(&lyon));
-    let lyon_id = c.online_agent("lyon");
+    // A restore that needs the lost blobs fails, and says so: at once, as
+    // DATA_LOSS naming the way back (its root tree is gone).
     let broken = tmp.path().join("broken");
     let o = c.hubvault(&[
         "restore",
@@ -2431,18 +2452,12 @@ fn a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots() {
         "--target",
         broken.to_str().expect("utf8"),
     ]);
-    if o.status.success() {
-        let job = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        let o = c.hubvault(&["jobs", "--wait", &job, "--timeout", "120"]);
-        assert!(
-            !o.status.success(),
-            "{}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-    } else {
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("not in the catalog"), "{err}");
-    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("no longer in the repository") && err.contains("scrub --dry-run"),
+        "{err}"
+    );
 
     // The data is unchanged at Paris: the next backup reads the file again
     // (its chunks are no longer known) and uploads them.

@@ -757,7 +757,11 @@ fn grant_snapshot(c: &Ctx, site: &str, root: &repo_format::Id) -> Result<(), Ser
             continue;
         }
         batch.push(t.0.to_vec());
-        for e in c.repo.read_tree(&t)? {
+        let entries = c.repo.read_tree(&t).map_err(|e| match e {
+            repo_format::Error::MissingBlob(id) => crate::scrub::lost_blob(&id),
+            e => e.into(),
+        })?;
+        for e in entries {
             if let Some(s) = e.subtree {
                 stack.push(s);
             }

@@ -348,13 +348,15 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                 break; // the rest in the next step
                             }
                             // Same answer for "another site's" and "nowhere": no oracle.
-                            let loc = if held {
-                                c.repo.catalog()?.lookup(&id)?
-                            } else {
-                                None
-                            };
-                            let loc =
-                                loc.ok_or_else(|| ServiceError::NotFound(format!("blob {id}")))?;
+                            if !held {
+                                return Err(ServiceError::NotFound(format!("blob {id}")));
+                            }
+                            // Held but not catalogued: the site may know it is gone.
+                            let loc = c
+                                .repo
+                                .catalog()?
+                                .lookup(&id)?
+                                .ok_or_else(|| crate::scrub::lost_blob(&id))?;
                             let mut sealed = vec![0u8; loc.length as usize];
                             c.repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
                             bytes += sealed.len();
