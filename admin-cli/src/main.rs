@@ -3,7 +3,7 @@
 //! Two families: the offline repository commands (`hubvault repo …`), which
 //! work on a repository directory directly through `repo-format`, and the
 //! collector-facing commands (`site`, `enroll-token`, `agents`, `status`,
-//! `agent revoke`, `source add`, `policy set`, `prune`, `scrub`, `snapshots`,
+//! `agent revoke`, `source add`, `policy set`, `prune`, `scrub`, `scrub-schedule`, `snapshots`,
 //! `restore`, `jobs`), which speak gRPC over mTLS with the admin identity.
 
 mod commands;
@@ -83,10 +83,28 @@ enum Command {
     /// Read every pack of the collector back and check it against its
     /// name; set damaged ones aside so agents upload their blobs again.
     /// Exits 3 when damage was found.
+    /// Progress is shown on a terminal; the scrub runs to its end at the
+    /// collector even if this command is interrupted.
     Scrub {
         /// Report damage; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Read at most this fast ("200MB/s", "50MiB/s"), to leave the
+        /// disk to uploads and restores. Default: as fast as it goes.
+        #[arg(long)]
+        limit: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show, or set, when the collector scrubs on its own: a cron
+    /// expression with seconds, in UTC ("0 0 3 * * Sun"), or "off". Also
+    /// shows the last scrub and what it found.
+    ScrubSchedule {
+        /// The schedule, or "off"; omitted: unchanged.
+        schedule: Option<String>,
+        /// The scheduled scrubs' read rate ("100MB/s"; "0" = unlimited).
+        #[arg(long)]
+        limit: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -187,7 +205,16 @@ fn main() -> ExitCode {
             dry_run,
             json,
         } => commands::remote::prune(&cli.remote, site, agent, source, dry_run, json),
-        Command::Scrub { dry_run, json } => commands::remote::scrub(&cli.remote, dry_run, json),
+        Command::Scrub {
+            dry_run,
+            limit,
+            json,
+        } => commands::remote::scrub(&cli.remote, dry_run, limit, json),
+        Command::ScrubSchedule {
+            schedule,
+            limit,
+            json,
+        } => commands::remote::scrub_schedule(&cli.remote, schedule, limit, json),
         Command::BackupNow { agent, source } => {
             commands::remote::backup_now(&cli.remote, &agent, source)
         }

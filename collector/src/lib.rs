@@ -35,6 +35,7 @@ pub mod policy;
 pub mod reads;
 pub mod retention;
 pub mod scrub;
+pub mod scrub_schedule;
 pub mod server;
 pub mod service;
 pub mod state;
@@ -74,6 +75,8 @@ pub struct Ctx {
     pub uploads: Arc<budget::Budgets>,
     /// Per-agent limits on blob reads in flight.
     pub reads: Arc<reads::ReadSlots>,
+    /// One scrub at a time; the scheduler's wake-up.
+    pub scrub: scrub::Control,
     /// Repository parameters agents need.
     pub repo_params: pb::RepoParams,
     /// The repository (metadata keys only: trees readable, content not).

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proto::pb;
 use repo_format::pack::PackEntry;
@@ -28,6 +28,7 @@ use repo_format::{Id, Repository};
 
 use crate::Ctx;
 use crate::error::ServiceError;
+use crate::state::now_ns;
 
 /// Paths listed per affected snapshot; the count covers all of them.
 const PATHS_LISTED: usize = 20;
@@ -40,29 +41,138 @@ static SOUND: std::sync::Mutex<Option<HashSet<Id>>> = std::sync::Mutex::new(None
 /// At most this many are remembered (then the set starts again).
 const SOUND_REMEMBERED: usize = 4096;
 
-/// One scrub at a time per collector.
-static RUNNING: AtomicBool = AtomicBool::new(false);
+/// Progress is reported at most this often (and once at the end).
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Who started a scrub; kept with its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// An admin call (`hubvault scrub`).
+    Admin,
+    /// The collector's scrub schedule.
+    Schedule,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Admin => "admin",
+            Trigger::Schedule => "schedule",
+        }
+    }
+}
+
+/// How to scrub.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Report damage; change nothing.
+    pub dry_run: bool,
+    /// Read at most this many bytes per second (0 = unlimited).
+    pub bytes_per_sec: u64,
+    /// Who asked.
+    pub trigger: Trigger,
+}
+
+/// A collector's scrub control: one scrub at a time, and a wake-up for the
+/// scheduler when the schedule changes (see `scrub_schedule`).
+#[derive(Debug, Default)]
+pub struct Control {
+    running: AtomicBool,
+    /// Notified when the schedule changes.
+    pub changed: tokio::sync::Notify,
+}
+
+impl Control {
+    /// True while a scrub runs.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+}
+
+/// Clears the running flag however the scrub ends.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 /// Check every catalogued pack; unless `dry_run`, quarantine the damaged.
-pub fn scrub(ctx: &Ctx, dry_run: bool) -> Result<pb::ScrubResponse, ServiceError> {
-    if RUNNING.swap(true, Ordering::AcqRel) {
+/// `progress` is called now and then (not for every pack); the outcome is
+/// kept in state.db whether the scrub finishes or stops on an error.
+pub fn scrub(
+    ctx: &Ctx,
+    opts: Options,
+    progress: &mut dyn FnMut(&pb::ScrubProgress),
+) -> Result<pb::ScrubResponse, ServiceError> {
+    if ctx.scrub.running.swap(true, Ordering::AcqRel) {
         return Err(ServiceError::Exhausted(
             "a scrub is already running; wait for it to finish".into(),
         ));
     }
-    let out = run(ctx, dry_run);
-    RUNNING.store(false, Ordering::Release);
-    out
+    let _running = Running(&ctx.scrub.running);
+    let started_ns = now_ns();
+    let mut resp = pb::ScrubResponse::default();
+    let out = run(ctx, opts, progress, &mut resp);
+    let kept = pb::ScrubRun {
+        started_ns,
+        finished_ns: now_ns(),
+        dry_run: opts.dry_run,
+        trigger: opts.trigger.as_str().into(),
+        packs_checked: resp.packs_checked,
+        bytes_checked: resp.bytes_checked,
+        damaged: resp.damaged.len() as u64,
+        error: out
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+    };
+    if let Err(e) = ctx.state.record_scrub(&kept) {
+        tracing::warn!("keeping the scrub's result failed: {e}");
+    }
+    out.map(|()| resp)
 }
 
-fn run(ctx: &Ctx, dry_run: bool) -> Result<pb::ScrubResponse, ServiceError> {
+/// How long to wait, `elapsed` into a scrub that has read `bytes`, to stay
+/// at `bytes_per_sec` (0 = unlimited: never).
+pub fn pace(elapsed: Duration, bytes: u64, bytes_per_sec: u64) -> Duration {
+    if bytes_per_sec == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(bytes as f64 / bytes_per_sec as f64).saturating_sub(elapsed)
+}
+
+fn run(
+    ctx: &Ctx,
+    opts: Options,
+    progress: &mut dyn FnMut(&pb::ScrubProgress),
+    resp: &mut pb::ScrubResponse,
+) -> Result<(), ServiceError> {
+    let dry_run = opts.dry_run;
     let started = Instant::now();
     let repo = &ctx.repo;
     let packs = repo.catalog()?.packs()?;
-    let mut resp = pb::ScrubResponse::default();
+    let mut at = pb::ScrubProgress {
+        packs_total: packs.len() as u64,
+        bytes_total: packs.iter().map(|p| p.1).sum(),
+        ..Default::default()
+    };
+    let mut reported = Instant::now();
+    let mut read = 0u64;
     let mut lost: HashSet<Id> = HashSet::new();
     for (name, size, _) in packs {
+        if reported.elapsed() >= PROGRESS_EVERY {
+            at.packs_checked = resp.packs_checked;
+            at.bytes_checked = read;
+            at.damaged = resp.damaged.len() as u64;
+            progress(&at);
+            reported = Instant::now();
+        }
+        std::thread::sleep(pace(started.elapsed(), read, opts.bytes_per_sec));
         resp.packs_checked += 1;
+        read += size;
         let Some(reason) = damage(repo, &name, Some(size))? else {
             resp.bytes_checked += size;
             continue;
@@ -91,10 +201,11 @@ fn run(ctx: &Ctx, dry_run: bool) -> Result<pb::ScrubResponse, ServiceError> {
         damaged = resp.damaged.len(),
         affected = resp.affected.len(),
         dry_run,
+        trigger = opts.trigger.as_str(),
         secs = resp.secs,
         "scrub done"
     );
-    Ok(resp)
+    Ok(())
 }
 
 /// Set damaged pack `name` (holding `entries`) aside: the sites holding

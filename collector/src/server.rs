@@ -66,6 +66,7 @@ pub fn load(data: &Path) -> Result<Arc<Ctx>, ServiceError> {
         sessions: Mutex::new(Default::default()),
         uploads: Default::default(),
         reads: Default::default(),
+        scrub: Default::default(),
         repo_params: pb::RepoParams {
             chunk_min: cfg.chunker.min,
             chunk_avg: cfg.chunker.avg,
@@ -153,6 +154,8 @@ pub async fn run(
         }
     });
 
+    let scrubs = tokio::spawn(crate::scrub_schedule::run(ctx.clone()));
+
     let agent = pb::agent_service_server::AgentServiceServer::new(AgentSvc { ctx: ctx.clone() })
         .max_decoding_message_size(MAX_MESSAGE);
     let admin = pb::admin_service_server::AdminServiceServer::new(AdminSvc { ctx: ctx.clone() })
@@ -184,5 +187,6 @@ pub async fn run(
         .map_err(|e| ServiceError::Internal(format!("server: {e}")));
     accept.abort();
     refresh.abort();
+    scrubs.abort();
     result
 }

@@ -119,6 +119,24 @@ CREATE TABLE IF NOT EXISTS lost (
     UNIQUE (site, id)
 );
 CREATE INDEX IF NOT EXISTS lost_by_site ON lost(site, seq);
+-- Collector-wide settings changed through the admin API (the scrub
+-- schedule and its read rate).
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- Every finished scrub, newest last: what central IT asks first after a
+-- disk scare is when the data was last read back, and what it found.
+CREATE TABLE IF NOT EXISTS scrubs (
+    started_ns  INTEGER NOT NULL,
+    finished_ns INTEGER NOT NULL,
+    dry_run     INTEGER NOT NULL,
+    trigger     TEXT NOT NULL,
+    packs       INTEGER NOT NULL,
+    bytes       INTEGER NOT NULL,
+    damaged     INTEGER NOT NULL,
+    error       TEXT NOT NULL
+);
 INSERT OR IGNORE INTO counters(name, value) VALUES ('serial', 1000), ('crl', 0);
 ";
 
@@ -477,6 +495,73 @@ impl State {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// A collector-wide setting, if set.
+    pub fn setting(&self, name: &str) -> Result<Option<String>, ServiceError> {
+        let c = self.conn()?;
+        Ok(
+            c.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?,
+        )
+    }
+
+    /// Set (`Some`) or clear (`None`) a collector-wide setting.
+    pub fn set_setting(&self, name: &str, value: Option<&str>) -> Result<(), ServiceError> {
+        let c = self.conn()?;
+        match value {
+            Some(v) => c.execute(
+                "INSERT OR REPLACE INTO settings(name, value) VALUES (?1, ?2)",
+                params![name, v],
+            )?,
+            None => c.execute("DELETE FROM settings WHERE name = ?1", [name])?,
+        };
+        Ok(())
+    }
+
+    /// Keep the outcome of a finished scrub.
+    pub fn record_scrub(&self, run: &proto::pb::ScrubRun) -> Result<(), ServiceError> {
+        let c = self.conn()?;
+        c.execute(
+            "INSERT INTO scrubs(started_ns, finished_ns, dry_run, trigger, packs, bytes,
+                 damaged, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                run.started_ns,
+                run.finished_ns,
+                run.dry_run,
+                run.trigger,
+                run.packs_checked as i64,
+                run.bytes_checked as i64,
+                run.damaged as i64,
+                run.error
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The scrub that finished last, if any.
+    pub fn last_scrub(&self) -> Result<Option<proto::pb::ScrubRun>, ServiceError> {
+        let c = self.conn()?;
+        Ok(c.query_row(
+            "SELECT started_ns, finished_ns, dry_run, trigger, packs, bytes, damaged, error
+             FROM scrubs ORDER BY rowid DESC LIMIT 1",
+            [],
+            |r| {
+                Ok(proto::pb::ScrubRun {
+                    started_ns: r.get(0)?,
+                    finished_ns: r.get(1)?,
+                    dry_run: r.get(2)?,
+                    trigger: r.get(3)?,
+                    packs_checked: r.get::<_, i64>(4)? as u64,
+                    bytes_checked: r.get::<_, i64>(5)? as u64,
+                    damaged: r.get::<_, i64>(6)? as u64,
+                    error: r.get(7)?,
+                })
+            },
+        )
+        .optional()?)
     }
 
     /// The number of entries `tree` expands to, when its whole subtree was

@@ -427,7 +427,7 @@ async fn upload_refused(
 /// data blob under a wrong id is stored and only its own site can name
 /// it; see `an_uploaded_tree_naming_a_chunk_the_site_lacks_does_not_commit`
 /// and `a_chunk_another_site_stored_is_compared_and_stored_once` in
-/// network.rs.)
+/// upload.rs.)
 #[test]
 fn a_tree_uploaded_under_an_id_its_bytes_do_not_open_to_is_refused() {
     use tokio_stream::StreamExt;
@@ -721,7 +721,7 @@ impl DamagedPack {
 
 /// Scenario 5 with a pack cut short (the size check, where
 /// `a_damaged_pack_is_set_aside_and_the_next_backup_heals_old_snapshots`
-/// in network.rs flips a bit), and the chunk stored again by two sites.
+/// in scrub.rs flips a bit), and the chunk stored again by two sites.
 /// Before any scrub, `check --read-data` names the pack and a restore of
 /// the file at Brest fails loudly and writes nothing. `hubvault scrub`
 /// names the pack, the site and the snapshot and sets the pack aside; from
@@ -846,4 +846,91 @@ fn a_second_site_is_not_refused_for_a_chunk_in_a_bit_flipped_pack() {
 #[test]
 fn a_second_site_is_not_refused_for_a_chunk_in_a_truncated_pack() {
     second_site_before_a_scrub(Damage::Truncated);
+}
+
+/// `hubvault scrub-schedule --json [ARGS]`, parsed.
+fn scrub_schedule(c: &Collector, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["scrub-schedule", "--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&c.ok(&all)).expect("scrub-schedule json")
+}
+
+/// Scenario 5 found by the collector on its own: with a scrub schedule set
+/// (cron with seconds, UTC, and a read rate), the collector scrubs when
+/// the schedule says, sets the bit-flipped pack aside as an admin's scrub
+/// would, and keeps the outcome: `scrub-schedule` and `status` say when the
+/// last scrub ran, who started it and what it found. A bad schedule is
+/// refused with the format and changes nothing; "off" stops the schedule;
+/// an admin's rate-limited scrub afterwards is clean and is kept as such.
+#[test]
+fn a_scheduled_scrub_sets_a_damaged_pack_aside_and_status_tells() {
+    let d = damaged_pack(Damage::BitFlip);
+    let c = &d.c;
+    let none = scrub_schedule(c, &[]);
+    assert_eq!(none["schedule"], "", "{none}");
+    assert_eq!(none["next_ns"], 0, "{none}");
+    assert!(none["last"].is_null(), "{none}");
+    assert!(
+        c.ok(&["status"])
+            .contains("scrub: never run; not scheduled"),
+        "{}",
+        c.ok(&["status"])
+    );
+
+    let o = c.hubvault(&["scrub-schedule", "every night"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("sec min hour day month weekday"), "{err}");
+    assert_eq!(scrub_schedule(c, &[])["schedule"], "", "nothing changed");
+
+    let set = scrub_schedule(c, &["* * * * * *", "--limit", "100MB/s"]);
+    assert_eq!(set["schedule"], "* * * * * *", "{set}");
+    assert_eq!(set["bytes_per_sec"], 100_000_000, "{set}");
+    assert!(set["next_ns"].as_i64().is_some_and(|n| n > 0), "{set}");
+    let mut last = serde_json::Value::Null;
+    wait_for("a scheduled scrub", || {
+        last = scrub_schedule(c, &[])["last"].clone();
+        !last.is_null()
+    });
+    assert_eq!(last["trigger"], "schedule", "{last}");
+    assert_eq!(last["damaged"], 1, "{last}");
+    assert_eq!(last["dry_run"], false, "{last}");
+    assert_eq!(last["error"], "", "{last}");
+    let aside = data_dir(c).join("repo").join("damaged").join(&d.pack);
+    assert!(aside.exists(), "the pack is set aside: {}", aside.display());
+    let status = c.ok(&["status"]);
+    assert!(
+        status.contains("(schedule, ") && status.contains("1 damaged packs"),
+        "{status}"
+    );
+
+    let off = scrub_schedule(c, &["off"]);
+    assert_eq!(off["schedule"], "", "{off}");
+    assert_eq!(off["next_ns"], 0, "{off}");
+    // A scheduled scrub may still be running (one at a time: the admin's
+    // is refused as RESOURCE_EXHAUSTED meanwhile).
+    let mut done = None;
+    wait_for("the admin's scrub", || {
+        let o = c.hubvault(&["scrub", "--limit", "64MiB/s"]);
+        let busy = String::from_utf8_lossy(&o.stderr).contains("already running");
+        done = Some(o);
+        !busy
+    });
+    let o = done.expect("the scrub ran");
+    assert!(
+        o.status.success(),
+        "the damaged pack is gone: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let last = &scrub_schedule(c, &[])["last"];
+    assert_eq!(last["trigger"], "admin", "{last}");
+    assert_eq!(last["damaged"], 0, "{last}");
+    assert!(c.ok(&["status"]).contains("(admin, "), "status");
+    let o = c.hubvault(&["scrub", "--limit", "fast"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bad rate"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

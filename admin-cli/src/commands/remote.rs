@@ -7,6 +7,7 @@
 //! and `keyring` + `passphrase` holding the repository keys, which enrollment
 //! tokens carry sealed so that the collector never reads them.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -377,7 +378,8 @@ pub(crate) fn status(remote: &Remote, json: bool) -> Result<ExitCode> {
             .await
             .context("reading status")
     })?;
-    let sites = resp.into_inner().sites;
+    let resp = resp.into_inner();
+    let sites = resp.sites;
     if json {
         let v: Vec<_> = sites
             .iter()
@@ -450,6 +452,94 @@ pub(crate) fn status(remote: &Remote, json: bool) -> Result<ExitCode> {
                 );
             }
         }
+        if let Some(info) = &resp.scrub {
+            println!("{}", scrub_line(info));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line on the scrubs: the last one, and the schedule.
+fn scrub_line(info: &pb::ScrubScheduleInfo) -> String {
+    let last = match &info.last {
+        None => "never run".to_string(),
+        Some(r) => {
+            let secs = now_ns().saturating_sub(r.finished_ns).max(0) / 1_000_000_000;
+            let found = if !r.error.is_empty() {
+                format!("stopped: {}", r.error)
+            } else if r.damaged > 0 {
+                format!("{} damaged packs", r.damaged)
+            } else {
+                "clean".into()
+            };
+            format!(
+                "last {} ago ({}{}, {} packs, {}): {found}",
+                age(secs as u64),
+                r.trigger,
+                if r.dry_run { ", dry run" } else { "" },
+                r.packs_checked,
+                size(r.bytes_checked),
+            )
+        }
+    };
+    let next = if info.schedule.is_empty() {
+        "not scheduled (`hubvault scrub-schedule CRON`)".to_string()
+    } else {
+        format!(
+            "schedule {:?} UTC{}, next {}",
+            info.schedule,
+            if info.bytes_per_sec > 0 {
+                format!(" at {}/s", size(info.bytes_per_sec))
+            } else {
+                String::new()
+            },
+            time(info.next_ns)
+        )
+    };
+    format!(
+        "scrub: {last}; {next}{}",
+        if info.running { "; running now" } else { "" }
+    )
+}
+
+/// `hubvault scrub-schedule [CRON|off] [--limit RATE] [--json]`: show, or
+/// change and show, the collector's scrub schedule.
+pub(crate) fn scrub_schedule(
+    remote: &Remote,
+    schedule: Option<String>,
+    limit: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let bytes_per_sec = limit.as_deref().map(parse_rate).transpose()?;
+    let schedule = schedule.map(|s| if s == "off" { String::new() } else { s });
+    let info = rt()?
+        .block_on(async {
+            remote
+                .client()
+                .await?
+                .scrub_schedule(pb::ScrubScheduleRequest {
+                    protocol: PROTOCOL,
+                    schedule,
+                    bytes_per_sec,
+                })
+                .await
+                .context("setting the scrub schedule")
+        })?
+        .into_inner();
+    if json {
+        let last = info.last.as_ref().map(|r| {
+            serde_json::json!({"started_ns": r.started_ns, "finished_ns": r.finished_ns,
+                "dry_run": r.dry_run, "trigger": r.trigger, "packs_checked": r.packs_checked,
+                "bytes_checked": r.bytes_checked, "damaged": r.damaged, "error": r.error})
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "schedule": info.schedule, "bytes_per_sec": info.bytes_per_sec,
+                "next_ns": info.next_ns, "running": info.running, "last": last}))?
+        );
+    } else {
+        println!("{}", scrub_line(&info));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -858,20 +948,54 @@ pub(crate) fn prune(
 
 /// `hubvault scrub [--dry-run] [--json]`: every pack read back; damaged
 /// packs, then the snapshots that name a lost blob. Exit 3 on damage.
-pub(crate) fn scrub(remote: &Remote, dry_run: bool, json: bool) -> Result<ExitCode> {
-    let r = rt()?
-        .block_on(async {
-            remote
-                .client()
-                .await?
-                .scrub(pb::ScrubRequest {
-                    protocol: PROTOCOL,
-                    dry_run,
-                })
+pub(crate) fn scrub(
+    remote: &Remote,
+    dry_run: bool,
+    limit: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let bytes_per_sec = limit.as_deref().map(parse_rate).transpose()?.unwrap_or(0);
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(indicatif::ProgressBar::new_spinner);
+    let r = rt()?.block_on(async {
+        let mut stream = remote
+            .client()
+            .await?
+            .scrub(pb::ScrubRequest {
+                protocol: PROTOCOL,
+                dry_run,
+                bytes_per_sec,
+            })
+            .await
+            .context("scrubbing the collector's packs")?
+            .into_inner();
+        loop {
+            let p = stream
+                .message()
                 .await
-                .context("scrubbing the collector's packs")
-        })?
-        .into_inner();
+                .context("scrubbing the collector's packs")?
+                .context("the collector ended the scrub without a report")?;
+            if let Some(report) = p.report {
+                return anyhow::Ok(report);
+            }
+            if let Some(bar) = &bar {
+                bar.set_message(format!(
+                    "scrub: {}/{} packs, {} of {}, {} damaged",
+                    p.packs_checked,
+                    p.packs_total,
+                    size(p.bytes_checked),
+                    size(p.bytes_total),
+                    p.damaged
+                ));
+                bar.tick();
+            }
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let r = r?;
     if json {
         let damaged: Vec<_> = r
             .damaged

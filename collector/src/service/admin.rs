@@ -110,7 +110,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         check(req.get_ref().protocol)?;
-        let (sites, agents, snaps, lags, defined) = self
+        let (sites, agents, snaps, lags, defined, scrub) = self
             .ctx
             .blocking(|c| {
                 let agents = c.state.agents()?;
@@ -126,6 +126,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     c.repo.snapshots()?,
                     c.state.lags()?,
                     defined,
+                    crate::scrub_schedule::info(c)?,
                 ))
             })
             .await?;
@@ -197,7 +198,10 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                 }
             })
             .collect();
-        Ok(Response::new(pb::StatusResponse { sites }))
+        Ok(Response::new(pb::StatusResponse {
+            sites,
+            scrub: Some(scrub),
+        }))
     }
 
     async fn revoke_agent(
@@ -471,17 +475,65 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }))
     }
 
+    type ScrubStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ScrubProgress, Status>> + Send + 'static>,
+    >;
+
+    /// The scrub runs on a blocking thread of its own to the end, whether
+    /// or not the caller keeps listening: progress it cannot deliver at once
+    /// is dropped (a slow client never holds the scrub back), the report is
+    /// the stream's last message.
     async fn scrub(
         &self,
         req: Request<pb::ScrubRequest>,
-    ) -> Result<Response<pb::ScrubResponse>, Status> {
+    ) -> Result<Response<Self::ScrubStream>, Status> {
         let r = req.into_inner();
         check(r.protocol)?;
-        let resp = self
+        if self.ctx.scrub.is_running() {
+            return Err(ServiceError::Exhausted(
+                "a scrub is already running; wait for it to finish".into(),
+            )
+            .into());
+        }
+        let opts = crate::scrub::Options {
+            dry_run: r.dry_run,
+            bytes_per_sec: r.bytes_per_sec,
+            trigger: crate::scrub::Trigger::Admin,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut progress = |p: &pb::ScrubProgress| {
+                let _ = tx.try_send(Ok(p.clone()));
+            };
+            let last = crate::scrub::scrub(&ctx, opts, &mut progress)
+                .map(|report| pb::ScrubProgress {
+                    packs_checked: report.packs_checked,
+                    packs_total: report.packs_checked,
+                    bytes_checked: report.bytes_checked,
+                    damaged: report.damaged.len() as u64,
+                    report: Some(report),
+                    ..Default::default()
+                })
+                .map_err(Status::from);
+            let _ = tx.blocking_send(last);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn scrub_schedule(
+        &self,
+        req: Request<pb::ScrubScheduleRequest>,
+    ) -> Result<Response<pb::ScrubScheduleInfo>, Status> {
+        let r = req.into_inner();
+        check(r.protocol)?;
+        let info = self
             .ctx
-            .blocking(move |c| crate::scrub::scrub(c, r.dry_run))
+            .blocking(move |c| crate::scrub_schedule::update(c, &r))
             .await?;
-        Ok(Response::new(resp))
+        Ok(Response::new(info))
     }
 }
 
