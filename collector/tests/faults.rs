@@ -606,23 +606,6 @@ fn try_restore(c: &Collector, snap: &str, agent: &str, target: &Path) -> (bool, 
     )
 }
 
-/// `hubvault scrub --json [--dry-run]`: its exit code and report.
-fn scrub(c: &Collector, dry_run: bool) -> (i32, serde_json::Value) {
-    let mut args = vec!["scrub", "--json"];
-    if dry_run {
-        args.push("--dry-run");
-    }
-    let o = c.hubvault(&args);
-    let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "scrub json ({e}): {} {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    });
-    (o.status.code().expect("exit code"), v)
-}
-
 /// A collector where Paris backed up `src/victim.bin` (one chunk), and
 /// the pack holding that chunk was then damaged at rest (`damage`) while
 /// the collector was stopped; it runs again. Brest is enrolled for

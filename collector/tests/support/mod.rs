@@ -470,3 +470,20 @@ pub async fn commit_root(
         })
         .await
 }
+
+/// `hubvault scrub --json [--dry-run]`: its exit code and report.
+pub fn scrub(c: &Collector, dry_run: bool) -> (i32, serde_json::Value) {
+    let mut args = vec!["scrub", "--json"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let o = c.hubvault(&args);
+    let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "scrub json ({e}): {} {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o.status.code().expect("exit code"), v)
+}
