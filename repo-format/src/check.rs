@@ -10,7 +10,7 @@
 //! A damaged or missing blob is reported with the snapshots and paths that
 //! use it, so the operator knows what a restore would lose.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -323,19 +323,54 @@ fn read_pack_data(
     }
 }
 
-/// For each damaged id, the (snapshot, path) pairs that reference it.
+/// Uses listed per damaged id; the rest are not looked for.
+pub const USES_LISTED: usize = 100;
+
+/// For each damaged id, the (snapshot, path) pairs that reference it (at
+/// most [`USES_LISTED`] each).
+///
+/// First, which trees lead to a damaged id at all, memoised per distinct
+/// tree: snapshots of one source share most of their trees, and a tree
+/// naming one subtree many times costs one visit. Then each snapshot is
+/// walked into those trees only, for the paths. So the work grows with the
+/// distinct trees plus the paths listed, not with snapshots times files.
 fn find_users(
     repo: &Repository,
     snaps: &[(Id, crate::snapshot::Snapshot)],
     bad: &BTreeMap<Id, String>,
 ) -> Result<BTreeMap<Id, Vec<(Id, String)>>> {
+    let mut leads: HashMap<Id, bool> = HashMap::new();
+    for (_, snap) in snaps {
+        leads_to_bad(repo, bad, snap.tree, &mut leads);
+    }
     let mut out: BTreeMap<Id, Vec<(Id, String)>> = BTreeMap::new();
+    let note = |out: &mut BTreeMap<Id, Vec<(Id, String)>>, id: Id, sid: Id, path: &str| {
+        let v = out.entry(id).or_default();
+        if v.len() < USES_LISTED && v.last().is_none_or(|(s, p)| *s != sid || p != path) {
+            v.push((sid, path.to_string()));
+        }
+    };
     for (sid, snap) in snaps {
         if bad.contains_key(&snap.tree) {
-            out.entry(snap.tree).or_default().push((*sid, "/".into()));
+            note(&mut out, snap.tree, *sid, "/");
         }
+        if out.len() == bad.len() && out.values().all(|v| v.len() >= USES_LISTED) {
+            break; // every list is full
+        }
+        // A tree is walked at most USES_LISTED times per snapshot: that many
+        // visits list that many uses of anything below it, and one subtree
+        // named at every level cannot make the walk exponential.
+        let mut visits: HashMap<Id, usize> = HashMap::new();
         let mut stack = vec![(snap.tree, String::new())];
         while let Some((t, prefix)) = stack.pop() {
+            if !leads.get(&t).copied().unwrap_or(false) {
+                continue;
+            }
+            let n = visits.entry(t).or_default();
+            if *n >= USES_LISTED {
+                continue;
+            }
+            *n += 1;
             let Ok(entries) = repo.read_tree(&t) else {
                 continue;
             };
@@ -345,22 +380,72 @@ fn find_users(
                     && let Some(s) = e.subtree
                 {
                     if bad.contains_key(&s) {
-                        out.entry(s).or_default().push((*sid, path.clone()));
+                        note(&mut out, s, *sid, &path);
                     }
                     stack.push((s, path.clone()));
                 }
                 for c in &e.chunks {
                     if bad.contains_key(c) {
-                        let v = out.entry(*c).or_default();
-                        if v.last() != Some(&(*sid, path.clone())) {
-                            v.push((*sid, path.clone()));
-                        }
+                        note(&mut out, *c, *sid, &path);
                     }
                 }
             }
         }
     }
     Ok(out)
+}
+
+/// Whether `root`'s subtree names a damaged id (a subtree or a chunk), for
+/// `root` and every tree below it, into `leads`. Depth-first with an
+/// explicit stack, each distinct tree read once; a tree that cannot be
+/// read leads nowhere further (it is damaged itself, and named so).
+fn leads_to_bad(
+    repo: &Repository,
+    bad: &BTreeMap<Id, String>,
+    root: Id,
+    leads: &mut HashMap<Id, bool>,
+) {
+    enum Visit {
+        Enter(Id),
+        /// The tree names a damaged id itself; its subtrees.
+        Leave(Id, bool, Vec<Id>),
+    }
+    // Entered, not yet left: met again, it would be a cycle.
+    let mut open: HashSet<Id> = HashSet::new();
+    let mut stack = vec![Visit::Enter(root)];
+    while let Some(v) = stack.pop() {
+        match v {
+            Visit::Enter(t) => {
+                if leads.contains_key(&t) || !open.insert(t) {
+                    continue;
+                }
+                let Ok(entries) = repo.read_tree(&t) else {
+                    open.remove(&t);
+                    leads.insert(t, false);
+                    continue;
+                };
+                let mut direct = false;
+                let mut subs = Vec::new();
+                for e in &entries {
+                    direct |= e.chunks.iter().any(|c| bad.contains_key(c));
+                    if e.kind == EntryKind::Dir
+                        && let Some(s) = e.subtree
+                    {
+                        direct |= bad.contains_key(&s);
+                        subs.push(s);
+                    }
+                }
+                let enter: Vec<Visit> = subs.iter().map(|s| Visit::Enter(*s)).collect();
+                stack.push(Visit::Leave(t, direct, subs));
+                stack.extend(enter);
+            }
+            Visit::Leave(t, direct, subs) => {
+                let any = direct || subs.iter().any(|s| leads.get(s).copied().unwrap_or(false));
+                open.remove(&t);
+                leads.insert(t, any);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

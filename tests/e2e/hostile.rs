@@ -382,3 +382,41 @@ fn restore_path_does_not_traverse_snapshot_symlinks() {
         "{err}"
     );
 }
+
+/// A snapshot whose trees name one subtree twice at every level (T_k =
+/// {a: T_k-1, b: T_k-1}, 40 levels: 2^40 paths from 41 trees) above a file
+/// whose chunk is missing: `check` names the chunk with at most
+/// `USES_LISTED` of its uses, visiting each distinct tree once, where a
+/// walk path by path (as `check` did) would not finish. (The collector
+/// refuses to commit such a snapshot; a local repository's owner can still
+/// write one, or a damaged tree can look like one.)
+#[test]
+fn check_names_a_missing_chunk_below_a_tree_named_2_to_the_40_times() {
+    let repo = TestRepo::new();
+    let r = repo.open();
+    let missing = Id([0x5a; 32]);
+    let mut below = store_tree(&r, &raw_tree(vec![Raw::file(b"f", 5, missing)]));
+    for _ in 0..40 {
+        below = store_tree(
+            &r,
+            &raw_tree(vec![Raw::dir(b"a", below), Raw::dir(b"b", below)]),
+        );
+    }
+    let snap = commit_tree(&r, below).expect("commit");
+    let report = repo_format::check::check(&r, false).expect("check");
+    let p = report
+        .problems
+        .iter()
+        .find(|p| p.id == Some(missing))
+        .expect("the missing chunk is named");
+    assert_eq!(p.used_by.len(), repo_format::check::USES_LISTED, "{p:?}");
+    assert!(p.used_by.iter().all(|(s, _)| *s == snap));
+    let paths: std::collections::HashSet<&String> = p.used_by.iter().map(|(_, p)| p).collect();
+    assert_eq!(paths.len(), p.used_by.len(), "each use once");
+    // "/a" or "/b" at each of the 40 levels, then "/f".
+    let odd = p
+        .used_by
+        .iter()
+        .find(|(_, p)| !(p.ends_with("/f") && p.len() == 82));
+    assert!(odd.is_none(), "{odd:?}");
+}
