@@ -304,7 +304,9 @@ impl State {
         let (site, wrapped_keys) = match row {
             None => {
                 return Err(ServiceError::Unauthenticated(
-                    "unknown enrollment token".into(),
+                    "unknown enrollment token (copy it whole, or create a new one with \
+                     `hubvault enroll-token --site SITE`)"
+                        .into(),
                 ));
             }
             Some((_, _, Some(_), _)) => {
@@ -315,7 +317,9 @@ impl State {
             }
             Some((_, exp, None, _)) if exp <= now => {
                 return Err(ServiceError::Unauthenticated(
-                    "enrollment token expired".into(),
+                    "enrollment token expired; create a new one with `hubvault enroll-token \
+                     --site SITE [--ttl 24h]`"
+                        .into(),
                 ));
             }
             Some((site, _, None, w)) => (site, w),

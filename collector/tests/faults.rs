@@ -38,6 +38,10 @@ fn an_expired_enrollment_token_is_refused_and_enrolls_nothing() {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success(), "an expired token enrolled: {err}");
     assert!(err.contains("enrollment token expired"), "{err}");
+    assert!(
+        err.contains("hubvault enroll-token"),
+        "says how to get a new one: {err}"
+    );
     assert!(err.contains("unauthenticated"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(c.agents().is_empty(), "no agent row: {:?}", c.agents());
