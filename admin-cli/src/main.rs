@@ -89,10 +89,15 @@ enum Command {
         /// Report damage; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Read at most this fast ("200MB/s", "50MiB/s"), to leave the
-        /// disk to uploads and restores. Default: as fast as it goes.
+        /// Read at most this fast ("200MB/s", "50MiB/s"; at least 1 MiB/s),
+        /// to leave the disk to uploads and restores. Default: as fast as
+        /// it goes.
         #[arg(long)]
         limit: Option<String>,
+        /// Stop the scrub that is running (an admin's or a scheduled one)
+        /// before its next pack; packs it set aside stay aside.
+        #[arg(long, conflicts_with_all = ["dry_run", "limit"])]
+        cancel: bool,
         #[arg(long)]
         json: bool,
     },
@@ -205,10 +210,12 @@ fn main() -> ExitCode {
             dry_run,
             json,
         } => commands::remote::prune(&cli.remote, site, agent, source, dry_run, json),
+        Command::Scrub { cancel: true, .. } => commands::remote::scrub_cancel(&cli.remote),
         Command::Scrub {
             dry_run,
             limit,
             json,
+            ..
         } => commands::remote::scrub(&cli.remote, dry_run, limit, json),
         Command::ScrubSchedule {
             schedule,

@@ -41,8 +41,24 @@ static SOUND: std::sync::Mutex<Option<HashSet<Id>>> = std::sync::Mutex::new(None
 /// At most this many are remembered (then the set starts again).
 const SOUND_REMEMBERED: usize = 4096;
 
-/// Progress is reported at most this often (and once at the end).
+/// Progress is reported at most this often (the report ends the stream).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// Slowest accepted non-zero read rate: 1 MiB/s reads a 16 MiB pack in 16 s
+/// and 1 TiB in 12 days; slower would hold the one-scrub slot for ever.
+pub const MIN_BYTES_PER_SEC: u64 = 1 << 20;
+/// A paced scrub sleeps in slices this long, to notice a cancel.
+const SLEEP_SLICE: Duration = Duration::from_millis(250);
+
+/// Refuse a read rate under [`MIN_BYTES_PER_SEC`] (0 = unlimited is fine).
+pub fn validate_rate(bytes_per_sec: u64) -> Result<(), ServiceError> {
+    if bytes_per_sec != 0 && bytes_per_sec < MIN_BYTES_PER_SEC {
+        return Err(ServiceError::Invalid(format!(
+            "scrub rate {bytes_per_sec} bytes/s is too slow: at least {MIN_BYTES_PER_SEC} \
+             (1 MiB/s), or 0 for unlimited"
+        )));
+    }
+    Ok(())
+}
 
 /// Who started a scrub; kept with its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,11 +89,13 @@ pub struct Options {
     pub trigger: Trigger,
 }
 
-/// A collector's scrub control: one scrub at a time, and a wake-up for the
-/// scheduler when the schedule changes (see `scrub_schedule`).
+/// A collector's scrub control: one scrub at a time, a way to stop it, and
+/// a wake-up for the scheduler when the schedule changes (see
+/// `scrub_schedule`).
 #[derive(Debug, Default)]
 pub struct Control {
     running: AtomicBool,
+    cancel: AtomicBool,
     /// Notified when the schedule changes.
     pub changed: tokio::sync::Notify,
 }
@@ -86,6 +104,17 @@ impl Control {
     /// True while a scrub runs.
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// Ask the running scrub to stop before its next pack (packs it set
+    /// aside stay aside); false when none runs.
+    pub fn cancel(&self) -> bool {
+        self.cancel.store(true, Ordering::Release);
+        self.is_running()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
     }
 }
 
@@ -112,6 +141,7 @@ pub fn scrub(
         ));
     }
     let _running = Running(&ctx.scrub.running);
+    ctx.scrub.cancel.store(false, Ordering::Release);
     let started_ns = now_ns();
     let mut resp = pb::ScrubResponse::default();
     let out = run(ctx, opts, progress, &mut resp);
@@ -123,11 +153,11 @@ pub fn scrub(
         packs_checked: resp.packs_checked,
         bytes_checked: resp.bytes_checked,
         damaged: resp.damaged.len() as u64,
-        error: out
-            .as_ref()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default(),
+        error: match &out {
+            Err(e) => e.to_string(),
+            Ok(()) if resp.cancelled => "cancelled by an admin".into(),
+            Ok(()) => String::new(),
+        },
     };
     if let Err(e) = ctx.state.record_scrub(&kept) {
         tracing::warn!("keeping the scrub's result failed: {e}");
@@ -170,7 +200,17 @@ fn run(
             progress(&at);
             reported = Instant::now();
         }
-        std::thread::sleep(pace(started.elapsed(), read, opts.bytes_per_sec));
+        loop {
+            let wait = pace(started.elapsed(), read, opts.bytes_per_sec);
+            if wait.is_zero() || ctx.scrub.cancelled() {
+                break;
+            }
+            std::thread::sleep(wait.min(SLEEP_SLICE));
+        }
+        if ctx.scrub.cancelled() {
+            resp.cancelled = true;
+            break;
+        }
         resp.packs_checked += 1;
         read += size;
         let Some(reason) = damage(repo, &name, Some(size))? else {
@@ -271,9 +311,7 @@ pub fn set_aside_if_damaged(ctx: &Ctx, name: &Id) -> Result<bool, ServiceError> 
     Ok(true)
 }
 
-/// What is wrong with pack `name` (catalogued at `size` bytes, when
-/// known), or `None`.
-/// The error for a blob a caller may read that is no longer catalogued
+/// The error for a blob a caller's site held that a scrub set aside
 /// (DATA_LOSS): what happened and how it comes back.
 pub fn lost_blob(id: &Id) -> ServiceError {
     ServiceError::Lost(format!(
@@ -283,6 +321,8 @@ pub fn lost_blob(id: &Id) -> ServiceError {
     ))
 }
 
+/// What is wrong with pack `name` (catalogued at `size` bytes, when
+/// known), or `None`.
 fn damage(repo: &Repository, name: &Id, size: Option<u64>) -> Result<Option<String>, ServiceError> {
     let store = repo.store();
     match (store.size(name), size) {
@@ -391,4 +431,75 @@ fn walk(
     }
     memo.insert(*tree, n);
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use repo_format::keyring::KdfParams;
+
+    /// A collector whose catalog lists two 64 MiB packs that are not there.
+    fn collector_with_two_absent_packs() -> (tempfile::TempDir, std::sync::Arc<Ctx>) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        crate::init::init(&data, &[], KdfParams::with_memory_kib(Some(64))).expect("init");
+        let ctx = crate::server::load(&data).expect("load");
+        {
+            let mut cat = ctx.repo.catalog().expect("catalog");
+            for n in [1u8, 2] {
+                cat.insert_pack(&Id([n; 32]), 64 << 20, &[])
+                    .expect("pack row");
+            }
+        }
+        (tmp, ctx)
+    }
+
+    /// A scrub paced at 1 MiB/s waits a minute before the second 64 MiB
+    /// pack; a cancel stops it within a sleep slice, the report says so and
+    /// how far it got, and the kept run says "cancelled". The slot is free
+    /// again at once.
+    #[test]
+    fn a_paced_scrub_stops_on_cancel_and_keeps_a_cancelled_run() {
+        let (_tmp, ctx) = collector_with_two_absent_packs();
+        let opts = Options {
+            dry_run: true,
+            bytes_per_sec: MIN_BYTES_PER_SEC,
+            trigger: Trigger::Admin,
+        };
+        let runner = ctx.clone();
+        let running = std::thread::spawn(move || scrub(&runner, opts, &mut |_| {}));
+        while !ctx.scrub.is_running() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(ctx.scrub.cancel(), "a scrub was running");
+        let report = running.join().expect("thread").expect("scrub");
+        assert!(report.cancelled);
+        assert_eq!(report.packs_checked, 1, "the first pack, not the second");
+        assert_eq!(report.damaged.len(), 1, "the first pack is missing");
+        let kept = ctx.state.last_scrub().expect("read").expect("kept");
+        assert_eq!(kept.error, "cancelled by an admin");
+        assert_eq!(kept.packs_checked, 1);
+        assert!(!ctx.scrub.is_running());
+        // The next scrub is not cancelled by the old request.
+        let again = scrub(
+            &ctx,
+            Options {
+                bytes_per_sec: 0,
+                ..opts
+            },
+            &mut |_| {},
+        )
+        .expect("scrub");
+        assert!(!again.cancelled);
+        assert_eq!(again.packs_checked, 2);
+    }
+
+    #[test]
+    fn rates_under_one_mib_per_second_are_refused() {
+        assert!(validate_rate(0).is_ok());
+        assert!(validate_rate(MIN_BYTES_PER_SEC).is_ok());
+        let e = validate_rate(200).expect_err("200 B/s");
+        assert!(e.to_string().contains("too slow"), "{e}");
+    }
 }

@@ -43,14 +43,27 @@ pub fn info(ctx: &Ctx) -> Result<pb::ScrubScheduleInfo, ServiceError> {
     })
 }
 
-/// Apply the fields `r` sets (checked first: nothing changes on an error),
-/// wake the scheduler, and return the new [`info`].
+/// Apply the fields `r` sets (all checked before the first is written),
+/// cancel the running scrub if asked, wake the scheduler, and return the
+/// new [`info`].
 pub fn update(
     ctx: &Ctx,
     r: &pb::ScrubScheduleRequest,
 ) -> Result<pb::ScrubScheduleInfo, ServiceError> {
     if let Some(s) = &r.schedule {
         validate_schedule(s)?;
+        if !s.is_empty() && next_after(s, Utc::now()).is_none() {
+            return Err(ServiceError::Invalid(format!(
+                "schedule {s:?} never fires (no such date before 2100)"
+            )));
+        }
+    }
+    if let Some(rate) = r.bytes_per_sec {
+        scrub::validate_rate(rate)?;
+    }
+    if r.cancel {
+        let was = ctx.scrub.cancel();
+        tracing::info!(running = was, "scrub cancel asked");
     }
     if let Some(s) = &r.schedule {
         ctx.state

@@ -119,6 +119,7 @@ CREATE TABLE IF NOT EXISTS lost (
     UNIQUE (site, id)
 );
 CREATE INDEX IF NOT EXISTS lost_by_site ON lost(site, seq);
+CREATE INDEX IF NOT EXISTS lost_by_id ON lost(id);
 -- Collector-wide settings changed through the admin API (the scrub
 -- schedule and its read rate).
 CREATE TABLE IF NOT EXISTS settings (
@@ -190,6 +191,10 @@ pub struct TokenRow {
 pub struct State {
     conn: Mutex<Connection>,
 }
+
+/// Finished scrubs kept in state.db: about a week's of a schedule every
+/// minute, decades of a nightly one.
+pub const SCRUBS_KEPT: i64 = 10_000;
 
 /// Nanoseconds since the epoch, now.
 pub fn now_ns() -> i64 {
@@ -525,9 +530,13 @@ impl State {
         Ok(())
     }
 
-    /// Keep the outcome of a finished scrub.
+    /// Keep the outcome of a finished scrub (the last [`SCRUBS_KEPT`]).
     pub fn record_scrub(&self, run: &proto::pb::ScrubRun) -> Result<(), ServiceError> {
         let c = self.conn()?;
+        c.execute(
+            "DELETE FROM scrubs WHERE rowid <= (SELECT max(rowid) FROM scrubs) - ?1",
+            [SCRUBS_KEPT - 1],
+        )?;
         c.execute(
             "INSERT INTO scrubs(started_ns, finished_ns, dry_run, trigger, packs, bytes,
                  damaged, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -981,6 +990,14 @@ impl State {
         }
         tx.commit()?;
         Ok(sites.into_iter().collect())
+    }
+
+    /// True when a scrub set blob `id` aside (a `lost` row, of any site:
+    /// a site granted the blob by a restore job after the scrub has none).
+    pub fn was_lost(&self, id: &[u8]) -> Result<bool, ServiceError> {
+        let c = self.conn()?;
+        let mut st = c.prepare_cached("SELECT 1 FROM lost WHERE id = ?1")?;
+        Ok(st.exists([id])?)
     }
 
     /// Up to `limit` blobs `site` lost after `after`, in order, with their

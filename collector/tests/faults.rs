@@ -868,7 +868,18 @@ fn a_scheduled_scrub_sets_a_damaged_pack_aside_and_status_tells() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
     assert!(err.contains("sec min hour day month weekday"), "{err}");
+    for (args, says) in [
+        (&["0 0 0 30 2 *"][..], "never fires"),
+        (&["0 0 3 * * *", "--limit", "200"][..], "too slow"),
+    ] {
+        let mut all = vec!["scrub-schedule"];
+        all.extend_from_slice(args);
+        let o = c.hubvault(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+    }
     assert_eq!(scrub_schedule(c, &[])["schedule"], "", "nothing changed");
+    assert!(c.ok(&["scrub", "--cancel"]).contains("no scrub is running"));
 
     let set = scrub_schedule(c, &["* * * * * *", "--limit", "100MB/s"]);
     assert_eq!(set["schedule"], "* * * * * *", "{set}");

@@ -502,6 +502,30 @@ fn scrub_line(info: &pb::ScrubScheduleInfo) -> String {
     )
 }
 
+/// `hubvault scrub --cancel`: stop the running scrub before its next pack.
+pub(crate) fn scrub_cancel(remote: &Remote) -> Result<ExitCode> {
+    let info = rt()?
+        .block_on(async {
+            remote
+                .client()
+                .await?
+                .scrub_schedule(pb::ScrubScheduleRequest {
+                    protocol: PROTOCOL,
+                    cancel: true,
+                    ..Default::default()
+                })
+                .await
+                .context("cancelling the scrub")
+        })?
+        .into_inner();
+    if info.running {
+        println!("the running scrub stops before its next pack");
+    } else {
+        println!("no scrub is running");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `hubvault scrub-schedule [CRON|off] [--limit RATE] [--json]`: show, or
 /// change and show, the collector's scrub schedule.
 pub(crate) fn scrub_schedule(
@@ -521,6 +545,7 @@ pub(crate) fn scrub_schedule(
                     protocol: PROTOCOL,
                     schedule,
                     bytes_per_sec,
+                    cancel: false,
                 })
                 .await
                 .context("setting the scrub schedule")
@@ -1016,7 +1041,7 @@ pub(crate) fn scrub(
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "dry_run": dry_run, "packs_checked": r.packs_checked,
+                "dry_run": dry_run, "cancelled": r.cancelled, "packs_checked": r.packs_checked,
                 "bytes_checked": r.bytes_checked, "secs": r.secs,
                 "damaged": damaged, "affected": affected}))?
         );
@@ -1047,7 +1072,12 @@ pub(crate) fn scrub(
         }
     }
     eprintln!(
-        "checked {} packs ({}) in {:.1} s: {} damaged{}",
+        "{} {} packs ({}) in {:.1} s: {} damaged{}",
+        if r.cancelled {
+            "cancelled after checking"
+        } else {
+            "checked"
+        },
         r.packs_checked,
         size(r.bytes_checked),
         r.secs,

@@ -489,6 +489,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     ) -> Result<Response<Self::ScrubStream>, Status> {
         let r = req.into_inner();
         check(r.protocol)?;
+        crate::scrub::validate_rate(r.bytes_per_sec)?;
         if self.ctx.scrub.is_running() {
             return Err(ServiceError::Exhausted(
                 "a scrub is already running; wait for it to finish".into(),
@@ -508,10 +509,6 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             };
             let last = crate::scrub::scrub(&ctx, opts, &mut progress)
                 .map(|report| pb::ScrubProgress {
-                    packs_checked: report.packs_checked,
-                    packs_total: report.packs_checked,
-                    bytes_checked: report.bytes_checked,
-                    damaged: report.damaged.len() as u64,
                     report: Some(report),
                     ..Default::default()
                 })

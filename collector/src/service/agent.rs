@@ -351,12 +351,17 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                             if !held {
                                 return Err(ServiceError::NotFound(format!("blob {id}")));
                             }
-                            // Held but not catalogued: the site may know it is gone.
-                            let loc = c
-                                .repo
-                                .catalog()?
-                                .lookup(&id)?
-                                .ok_or_else(|| crate::scrub::lost_blob(&id))?;
+                            // Held but not catalogued: set aside by a scrub (the
+                            // site may know it is gone), or dropped by a prune.
+                            let Some(loc) = c.repo.catalog()?.lookup(&id)? else {
+                                // Only a blob the site holds gets here: telling it
+                                // the collector lost it is no oracle.
+                                return Err(if c.state.was_lost(&id.0)? {
+                                    crate::scrub::lost_blob(&id)
+                                } else {
+                                    ServiceError::NotFound(format!("blob {id}"))
+                                });
+                            };
                             let mut sealed = vec![0u8; loc.length as usize];
                             c.repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
                             bytes += sealed.len();
