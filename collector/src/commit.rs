@@ -116,8 +116,9 @@ const CHUNK_BATCH: usize = 16 * 1024;
 /// crafted one reaches. Identical directories share a tree, so a snapshot
 /// of 41 trees that each name the one below twice lists 2^40 paths; every
 /// `ls`, `check` and restore of it would walk them all. The bound is
-/// checked at commit, from counts kept per verified tree, so a restore
-/// never meets such a snapshot.
+/// checked at commit, from counts kept per verified tree, so no snapshot
+/// committed since this check existed expands further (older ones were
+/// not counted; `check` lists a bounded number of paths either way).
 pub const MAX_SNAPSHOT_ENTRIES: u64 = 1 << 30;
 
 /// One step of the commit check's depth-first walk.

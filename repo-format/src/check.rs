@@ -32,7 +32,9 @@ pub struct Problem {
     pub id: Option<Id>,
     /// What is wrong.
     pub detail: String,
-    /// Snapshots and paths that use the damaged object (`snapshot id`, `path`).
+    /// Snapshots and paths that use the damaged object (`snapshot id`,
+    /// `path`): every snapshot, with at most [`PATHS_PER_SNAPSHOT`] paths
+    /// each.
     pub used_by: Vec<(Id, String)>,
 }
 
@@ -323,11 +325,12 @@ fn read_pack_data(
     }
 }
 
-/// Uses listed per damaged id; the rest are not looked for.
-pub const USES_LISTED: usize = 100;
+/// Paths listed per damaged id and snapshot; the rest are not looked for.
+/// Every snapshot that uses the id is listed.
+pub const PATHS_PER_SNAPSHOT: usize = 20;
 
-/// For each damaged id, the (snapshot, path) pairs that reference it (at
-/// most [`USES_LISTED`] each).
+/// For each damaged id, the (snapshot, path) pairs that reference it: every
+/// snapshot that does, with at most [`PATHS_PER_SNAPSHOT`] paths each.
 ///
 /// First, which trees lead to a damaged id at all, memoised per distinct
 /// tree: snapshots of one source share most of their trees, and a tree
@@ -344,22 +347,23 @@ fn find_users(
         leads_to_bad(repo, bad, snap.tree, &mut leads);
     }
     let mut out: BTreeMap<Id, Vec<(Id, String)>> = BTreeMap::new();
-    let note = |out: &mut BTreeMap<Id, Vec<(Id, String)>>, id: Id, sid: Id, path: &str| {
-        let v = out.entry(id).or_default();
-        if v.len() < USES_LISTED && v.last().is_none_or(|(s, p)| *s != sid || p != path) {
-            v.push((sid, path.to_string()));
-        }
-    };
     for (sid, snap) in snaps {
+        // Paths listed in this snapshot, per damaged id.
+        let mut listed: HashMap<Id, usize> = HashMap::new();
+        let mut note = |id: Id, path: &str| {
+            let n = listed.entry(id).or_default();
+            let v = out.entry(id).or_default();
+            if *n < PATHS_PER_SNAPSHOT && v.last().is_none_or(|(s, p)| s != sid || p != path) {
+                *n += 1;
+                v.push((*sid, path.to_string()));
+            }
+        };
         if bad.contains_key(&snap.tree) {
-            note(&mut out, snap.tree, *sid, "/");
+            note(snap.tree, "/");
         }
-        if out.len() == bad.len() && out.values().all(|v| v.len() >= USES_LISTED) {
-            break; // every list is full
-        }
-        // A tree is walked at most USES_LISTED times per snapshot: that many
-        // visits list that many uses of anything below it, and one subtree
-        // named at every level cannot make the walk exponential.
+        // A tree is walked at most PATHS_PER_SNAPSHOT times per snapshot:
+        // that many visits list that many uses of anything below it, and one
+        // subtree named at every level cannot make the walk exponential.
         let mut visits: HashMap<Id, usize> = HashMap::new();
         let mut stack = vec![(snap.tree, String::new())];
         while let Some((t, prefix)) = stack.pop() {
@@ -367,7 +371,7 @@ fn find_users(
                 continue;
             }
             let n = visits.entry(t).or_default();
-            if *n >= USES_LISTED {
+            if *n >= PATHS_PER_SNAPSHOT {
                 continue;
             }
             *n += 1;
@@ -380,13 +384,13 @@ fn find_users(
                     && let Some(s) = e.subtree
                 {
                     if bad.contains_key(&s) {
-                        note(&mut out, s, *sid, &path);
+                        note(s, &path);
                     }
                     stack.push((s, path.clone()));
                 }
                 for c in &e.chunks {
                     if bad.contains_key(c) {
-                        note(&mut out, *c, *sid, &path);
+                        note(*c, &path);
                     }
                 }
             }

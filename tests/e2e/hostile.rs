@@ -386,7 +386,7 @@ fn restore_path_does_not_traverse_snapshot_symlinks() {
 /// A snapshot whose trees name one subtree twice at every level (T_k =
 /// {a: T_k-1, b: T_k-1}, 40 levels: 2^40 paths from 41 trees) above a file
 /// whose chunk is missing: `check` names the chunk with at most
-/// `USES_LISTED` of its uses, visiting each distinct tree once, where a
+/// `PATHS_PER_SNAPSHOT` of its uses, visiting each distinct tree once, where a
 /// walk path by path (as `check` did) would not finish. (The collector
 /// refuses to commit such a snapshot; a local repository's owner can still
 /// write one, or a damaged tree can look like one.)
@@ -403,16 +403,25 @@ fn check_names_a_missing_chunk_below_a_tree_named_2_to_the_40_times() {
         );
     }
     let snap = commit_tree(&r, below).expect("commit");
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let other = commit_tree(&r, below).expect("second snapshot");
     let report = repo_format::check::check(&r, false).expect("check");
     let p = report
         .problems
         .iter()
         .find(|p| p.id == Some(missing))
         .expect("the missing chunk is named");
-    assert_eq!(p.used_by.len(), repo_format::check::USES_LISTED, "{p:?}");
-    assert!(p.used_by.iter().all(|(s, _)| *s == snap));
-    let paths: std::collections::HashSet<&String> = p.used_by.iter().map(|(_, p)| p).collect();
-    assert_eq!(paths.len(), p.used_by.len(), "each use once");
+    // Every snapshot is named, each with its share of paths.
+    for s in [snap, other] {
+        let paths: std::collections::HashSet<&String> = p
+            .used_by
+            .iter()
+            .filter(|(id, _)| *id == s)
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(paths.len(), repo_format::check::PATHS_PER_SNAPSHOT, "{s}");
+    }
+    assert_eq!(p.used_by.len(), 2 * repo_format::check::PATHS_PER_SNAPSHOT);
     // "/a" or "/b" at each of the 40 levels, then "/f".
     let odd = p
         .used_by
