@@ -360,77 +360,91 @@ fn io_errno(e: &repo_format::Error) -> Option<i32> {
 
 /// Snapshots naming a blob of `lost`, with (up to [`PATHS_LISTED`]) paths.
 ///
-/// Each distinct tree is read once: the count of affected entries below it
-/// is memoised, so shared subtrees (every snapshot of one source shares
-/// most) cost one visit, and a crafted snapshot naming one subtree many
+/// Each distinct tree is read once: its count of affected entries and its
+/// first paths (relative to it) are memoised, so shared subtrees (every
+/// snapshot of one source shares most) cost one visit and still list their
+/// paths in every snapshot, and a crafted snapshot naming one subtree many
 /// times at every level cannot make the walk exponential.
 fn affected(
     repo: &Repository,
     lost: &HashSet<Id>,
 ) -> Result<Vec<pb::AffectedSnapshot>, ServiceError> {
-    let mut memo: HashMap<Id, u64> = HashMap::new();
+    let mut memo: HashMap<Id, Found> = HashMap::new();
     let mut out = Vec::new();
     for (id, snap) in repo.snapshots()? {
-        let mut paths = Vec::new();
-        let entries = walk(repo, lost, &snap.tree, "", 0, &mut memo, &mut paths)?;
-        if entries > 0 {
+        let found = walk(repo, lost, &snap.tree, 0, &mut memo)?;
+        if found.entries > 0 {
             out.push(pb::AffectedSnapshot {
                 id: id.0.to_vec(),
                 site: snap.site.unwrap_or_default(),
                 source: snap.source.unwrap_or_default(),
-                paths,
-                entries,
+                paths: found.paths,
+                entries: found.entries,
             });
         }
     }
     Ok(out)
 }
 
-/// Affected entries below `tree` (at `prefix`); paths are listed on the
-/// first visit of a tree only.
+/// What a tree holds of the lost blobs.
+#[derive(Clone, Default)]
+struct Found {
+    /// Entries below it with a lost chunk or tree.
+    entries: u64,
+    /// The first [`PATHS_LISTED`] of them, relative to the tree ("/a/b").
+    paths: Vec<String>,
+}
+
+impl Found {
+    fn note(&mut self, path: String) {
+        if self.paths.len() < PATHS_LISTED {
+            self.paths.push(path);
+        }
+    }
+}
+
+/// What `tree` holds of the lost blobs.
 fn walk(
     repo: &Repository,
     lost: &HashSet<Id>,
     tree: &Id,
-    prefix: &str,
     depth: usize,
-    memo: &mut HashMap<Id, u64>,
-    paths: &mut Vec<String>,
-) -> Result<u64, ServiceError> {
-    if let Some(n) = memo.get(tree) {
-        return Ok(*n);
+    memo: &mut HashMap<Id, Found>,
+) -> Result<Found, ServiceError> {
+    if let Some(f) = memo.get(tree) {
+        return Ok(f.clone());
     }
-    let note = |paths: &mut Vec<String>, p: String| {
-        if paths.len() < PATHS_LISTED {
-            paths.push(p);
-        }
+    let mut found = Found::default();
+    let one = |why: String| Found {
+        entries: 1,
+        paths: vec![why],
     };
     if lost.contains(tree) || depth > MAX_DEPTH {
-        note(paths, format!("{prefix}/"));
-        memo.insert(*tree, 1);
-        return Ok(1);
+        found = one("/".into());
+    } else {
+        match repo.read_tree(tree) {
+            Err(e) => found = one(format!("/ (tree {tree}: {e})")),
+            Ok(entries) => {
+                for e in entries {
+                    let path = format!("/{}", String::from_utf8_lossy(&e.name));
+                    if e.chunks.iter().any(|c| lost.contains(c)) {
+                        found.note(path.clone());
+                        found.entries = found.entries.saturating_add(1);
+                    }
+                    if let Some(sub) = e.subtree {
+                        let below = walk(repo, lost, &sub, depth + 1, memo)?;
+                        found.entries = found.entries.saturating_add(below.entries);
+                        for p in below.paths {
+                            // "/" (the subtree itself) lists as "path/".
+                            found.note(format!("{path}{p}"));
+                        }
+                    }
+                }
+            }
+        }
     }
-    let entries = match repo.read_tree(tree) {
-        Ok(e) => e,
-        Err(e) => {
-            note(paths, format!("{prefix}/ (tree {tree}: {e})"));
-            memo.insert(*tree, 1);
-            return Ok(1);
-        }
-    };
-    let mut n = 0;
-    for e in entries {
-        let path = format!("{prefix}/{}", String::from_utf8_lossy(&e.name));
-        if e.chunks.iter().any(|c| lost.contains(c)) {
-            note(paths, path.clone());
-            n += 1;
-        }
-        if let Some(sub) = e.subtree {
-            n += walk(repo, lost, &sub, &path, depth + 1, memo, paths)?;
-        }
-    }
-    memo.insert(*tree, n);
-    Ok(n)
+    memo.insert(*tree, found.clone());
+    Ok(found)
 }
 
 #[cfg(test)]
