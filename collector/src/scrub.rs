@@ -118,6 +118,11 @@ impl Control {
     }
 }
 
+/// The answer while another scrub runs (RESOURCE_EXHAUSTED).
+pub fn busy() -> ServiceError {
+    ServiceError::Exhausted("a scrub is already running; wait for it to finish".into())
+}
+
 /// Clears the running flag however the scrub ends.
 struct Running<'a>(&'a AtomicBool);
 
@@ -136,9 +141,7 @@ pub fn scrub(
     progress: &mut dyn FnMut(&pb::ScrubProgress),
 ) -> Result<pb::ScrubResponse, ServiceError> {
     if ctx.scrub.running.swap(true, Ordering::AcqRel) {
-        return Err(ServiceError::Exhausted(
-            "a scrub is already running; wait for it to finish".into(),
-        ));
+        return Err(busy());
     }
     let _running = Running(&ctx.scrub.running);
     ctx.scrub.cancel.store(false, Ordering::Release);

@@ -502,22 +502,32 @@ fn scrub_line(info: &pb::ScrubScheduleInfo) -> String {
     )
 }
 
-/// `hubvault scrub --cancel`: stop the running scrub before its next pack.
-pub(crate) fn scrub_cancel(remote: &Remote) -> Result<ExitCode> {
-    let info = rt()?
+/// The ScrubSchedule call (read, change or cancel); `what` for the error.
+fn scrub_schedule_call(
+    remote: &Remote,
+    req: pb::ScrubScheduleRequest,
+    what: &'static str,
+) -> Result<pb::ScrubScheduleInfo> {
+    Ok(rt()?
         .block_on(async {
             remote
                 .client()
                 .await?
-                .scrub_schedule(pb::ScrubScheduleRequest {
-                    protocol: PROTOCOL,
-                    cancel: true,
-                    ..Default::default()
-                })
+                .scrub_schedule(req)
                 .await
-                .context("cancelling the scrub")
+                .context(what)
         })?
-        .into_inner();
+        .into_inner())
+}
+
+/// `hubvault scrub --cancel`: stop the running scrub before its next pack.
+pub(crate) fn scrub_cancel(remote: &Remote) -> Result<ExitCode> {
+    let req = pb::ScrubScheduleRequest {
+        protocol: PROTOCOL,
+        cancel: true,
+        ..Default::default()
+    };
+    let info = scrub_schedule_call(remote, req, "cancelling the scrub")?;
     if info.running {
         println!("the running scrub stops before its next pack");
     } else {
@@ -536,21 +546,13 @@ pub(crate) fn scrub_schedule(
 ) -> Result<ExitCode> {
     let bytes_per_sec = limit.as_deref().map(parse_rate).transpose()?;
     let schedule = schedule.map(|s| if s == "off" { String::new() } else { s });
-    let info = rt()?
-        .block_on(async {
-            remote
-                .client()
-                .await?
-                .scrub_schedule(pb::ScrubScheduleRequest {
-                    protocol: PROTOCOL,
-                    schedule,
-                    bytes_per_sec,
-                    cancel: false,
-                })
-                .await
-                .context("setting the scrub schedule")
-        })?
-        .into_inner();
+    let req = pb::ScrubScheduleRequest {
+        protocol: PROTOCOL,
+        schedule,
+        bytes_per_sec,
+        cancel: false,
+    };
+    let info = scrub_schedule_call(remote, req, "reading or setting the scrub schedule")?;
     if json {
         let last = info.last.as_ref().map(|r| {
             serde_json::json!({"started_ns": r.started_ns, "finished_ns": r.finished_ns,

@@ -491,10 +491,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         check(r.protocol)?;
         crate::scrub::validate_rate(r.bytes_per_sec)?;
         if self.ctx.scrub.is_running() {
-            return Err(ServiceError::Exhausted(
-                "a scrub is already running; wait for it to finish".into(),
-            )
-            .into());
+            return Err(crate::scrub::busy().into());
         }
         let opts = crate::scrub::Options {
             dry_run: r.dry_run,
