@@ -60,6 +60,10 @@ pub fn commit(ctx: &Ctx, r: CommitRequest) -> Result<(Id, i64), ServiceError> {
         }
         None => None,
     };
+    let _gate = ctx
+        .commit_gate
+        .read()
+        .map_err(|_| ServiceError::Internal("commit gate poisoned".into()))?;
     let Verified {
         trees: verified,
         entries,

@@ -77,6 +77,12 @@ pub struct Ctx {
     pub reads: Arc<reads::ReadSlots>,
     /// One scrub at a time; the scheduler's wake-up.
     pub scrub: scrub::Control,
+    /// Commits hold it shared from their check to recording the trees
+    /// they verified; setting a damaged pack aside holds it exclusively.
+    /// Otherwise a commit checked just before a loss would record its trees
+    /// as verified just after it (state.db and the catalog are two
+    /// databases), and later commits would skip them.
+    pub commit_gate: std::sync::RwLock<()>,
     /// Repository parameters agents need.
     pub repo_params: pb::RepoParams,
     /// The repository (metadata keys only: trees readable, content not).

@@ -262,10 +262,16 @@ fn set_aside(
     why: &str,
 ) -> Result<Vec<String>, ServiceError> {
     let ids: Vec<Vec<u8>> = entries.iter().map(|e| e.id.0.to_vec()).collect();
+    // No commit is between its check and its record of verified trees.
+    let gate = ctx
+        .commit_gate
+        .write()
+        .map_err(|_| ServiceError::Internal("commit gate poisoned".into()))?;
     // The sites first: a crash before the pack is set aside leaves it
     // catalogued, and the next scrub finds it again.
     let sites = ctx.state.lose_blobs(&ids)?;
     ctx.repo.quarantine_pack(name, entries)?;
+    drop(gate);
     ctx.state.event(
         "integrity",
         &format!(

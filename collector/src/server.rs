@@ -67,6 +67,7 @@ pub fn load(data: &Path) -> Result<Arc<Ctx>, ServiceError> {
         uploads: Default::default(),
         reads: Default::default(),
         scrub: Default::default(),
+        commit_gate: Default::default(),
         repo_params: pb::RepoParams {
             chunk_min: cfg.chunker.min,
             chunk_avg: cfg.chunker.avg,
