@@ -907,9 +907,29 @@ fn backup_killed_at_any_point_leaves_s1_intact_and_the_rerun_resumes() {
         }
         let (kept_packs, kept_blobs, kept_bytes) = catalogued_since(&r.repo, &s1_packs);
 
+        // (e) What the killed run left in tmp/ (its writer is gone) is
+        // deleted by the next backup once a minute old, not a day: aged here.
+        let a_minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+        for e in std::fs::read_dir(r.repo.join("tmp"))
+            .expect("ls tmp")
+            .flatten()
+        {
+            std::fs::File::options()
+                .write(true)
+                .open(e.path())
+                .and_then(|f| f.set_modified(a_minute_ago))
+                .expect("age a temporary");
+        }
+
         // (d) The rerun completes, restores bit-exact, and stores only what
         // the killed run did not catalogue.
         let rerun = r.backup(&[&src], 0);
+        let tmp_after: Vec<_> = std::fs::read_dir(r.repo.join("tmp"))
+            .expect("ls tmp")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(tmp_after.is_empty(), "{what}: left in tmp/: {tmp_after:?}");
         let t3 = r.path("rerun");
         r.restore(str_of(&rerun, "id"), &t3, None).expect(0);
         let d = diff_trees(&src, &t3.join("src"));

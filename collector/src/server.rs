@@ -148,6 +148,10 @@ pub async fn run(
     let refresh = tokio::spawn(async move {
         loop {
             tokio::time::sleep(CRL_REFRESH).await;
+            // Temporary packs an ingest left when a collector was killed.
+            let _ = refresh_ctx
+                .blocking(|c| Ok(c.repo.sweep_temporaries()))
+                .await;
             let c = refresh_ctx.clone();
             if let Err(e) = refresh_ctx.blocking(move |_| c.publish_crl()).await {
                 tracing::error!("re-signing the CRL failed: {e}");

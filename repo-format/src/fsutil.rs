@@ -100,12 +100,52 @@ pub fn clear_direct(file: &File) -> std::io::Result<()> {
 /// writer finishes a pack in seconds and touches it as it writes.
 pub const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// A temporary pack's path in `tmp_dir`: `pack-<pid>-<16 hex>`. The
+/// writer's process id lets a sweep remove what a killed writer left at
+/// once, instead of after [`STALE_TMP`] (a kill -9 mid-backup leaves up to
+/// a pack per writer thread, 32 MiB each).
+pub fn tmp_pack_path(tmp_dir: &Path) -> std::path::PathBuf {
+    let mut rnd = [0u8; 8];
+    if crate::crypto::fill_random(&mut rnd).is_err() {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        rnd = n.to_le_bytes();
+    }
+    tmp_dir.join(format!(
+        "pack-{}-{}",
+        std::process::id(),
+        crate::id::hex_encode(&rnd)
+    ))
+}
+
+/// The writer's process id in a [`tmp_pack_path`] name.
+fn writer_pid(name: &[u8]) -> Option<u32> {
+    let rest = name.strip_prefix(b"pack-")?;
+    let end = rest.iter().position(|&b| b == b'-')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// False only when `pid` is known not to run (no `/proc/<pid>` while
+/// `/proc/self` exists): without /proc every writer counts as alive.
+fn writer_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    pid == std::process::id() || !proc.join("self").exists() || proc.join(pid.to_string()).exists()
+}
+
+/// How long a dead writer's temporary pack is left alone: a writer in
+/// another process-id namespace would look dead, but it touches its file
+/// as it writes.
+pub const STALE_DEAD_WRITER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Delete the temporary files in `dir` not modified for `older_than`:
 /// everything in a repository's `tmp/`, and `.*.tmp-*` names
-/// ([`tmp_name`]) elsewhere when `only_tmp_names`. A crash between create
-/// and rename leaves them behind; nothing refers to them. Best effort:
-/// returns how many went; a file that cannot be removed stays for the
-/// next open.
+/// ([`tmp_name`]) elsewhere when `only_tmp_names`. In `tmp/`, a
+/// [`tmp_pack_path`] whose writer no longer runs goes once untouched for
+/// [`STALE_DEAD_WRITER`]. A crash between create and rename leaves them
+/// behind; nothing refers to them. Best effort: returns how many went; a
+/// file that cannot be removed stays for the next open.
 pub fn sweep_stale(dir: &Path, older_than: std::time::Duration, only_tmp_names: bool) -> usize {
     use std::os::unix::ffi::OsStrExt;
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -121,9 +161,13 @@ pub fn sweep_stale(dir: &Path, older_than: std::time::Duration, only_tmp_names: 
         }
         let Ok(m) = e.metadata() else { continue };
         let age = m.modified().ok().and_then(|t| now.duration_since(t).ok());
-        if m.is_file()
-            && age.is_some_and(|a| a >= older_than)
-            && std::fs::remove_file(e.path()).is_ok()
+        let dead = !only_tmp_names && writer_pid(b).is_some_and(|pid| !writer_alive(pid));
+        let limit = if dead {
+            older_than.min(STALE_DEAD_WRITER)
+        } else {
+            older_than
+        };
+        if m.is_file() && age.is_some_and(|a| a >= limit) && std::fs::remove_file(e.path()).is_ok()
         {
             n += 1;
         }
@@ -134,6 +178,41 @@ pub fn sweep_stale(dir: &Path, older_than: std::time::Duration, only_tmp_names: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In `tmp/`: a dead writer's pack untouched for a minute goes; the
+    /// same fresh, a live writer's (ours) old one, and an unknown name
+    /// younger than the day limit stay. An old-style name still goes after
+    /// the day limit.
+    #[test]
+    fn a_dead_writers_temporary_pack_is_swept_after_a_minute() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dead = {
+            let mut child = std::process::Command::new("true").spawn().expect("spawn");
+            let pid = child.id();
+            child.wait().expect("wait");
+            pid
+        };
+        let ago = |secs: u64| std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+        let make = |name: &str, mtime: std::time::SystemTime| {
+            let p = d.path().join(name);
+            let f = File::create(&p).expect("create");
+            f.set_modified(mtime).expect("mtime");
+            p
+        };
+        let gone = make(&format!("pack-{dead}-00"), ago(120));
+        let fresh = make(&format!("pack-{dead}-01"), ago(5));
+        let mine = tmp_pack_path(d.path());
+        File::create(&mine)
+            .and_then(|f| f.set_modified(ago(3600)))
+            .expect("ours");
+        let other = make(".pack.tmp-0123456789abcdef", ago(3600));
+        let ancient = make(".pack.tmp-fedcba9876543210", ago(2 * 86_400));
+        assert_eq!(sweep_stale(d.path(), STALE_TMP, false), 2);
+        assert!(!gone.exists() && !ancient.exists());
+        assert!(fresh.exists() && mine.exists() && other.exists());
+        assert_eq!(writer_pid(b"pack-42-abcd"), Some(42));
+        assert_eq!(writer_pid(b".pack.tmp-42"), None);
+    }
 
     #[test]
     fn rename_noreplace_never_replaces() {

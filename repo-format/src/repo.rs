@@ -112,10 +112,6 @@ impl Repository {
     ) -> Result<Self> {
         let (config, keys, lock) = Self::open_parts(root, passphrase, lock)?;
         let catalog = Catalog::open(&catalog_path(root))?;
-        // Temporaries a crash left between create and rename (a temporary
-        // pack is up to 32 MiB): old enough that no live writer owns them.
-        crate::fsutil::sweep_stale(&root.join("tmp"), crate::fsutil::STALE_TMP, false);
-        crate::fsutil::sweep_stale(&root.join("snapshots"), crate::fsutil::STALE_TMP, true);
         let repo = Repository {
             root: root.to_path_buf(),
             config,
@@ -125,8 +121,23 @@ impl Repository {
             tree_spans: SpanCache::default(),
             _lock: lock,
         };
+        repo.sweep_temporaries();
         repo.adopt_snapshot_files()?;
         Ok(repo)
+    }
+
+    /// Delete the temporaries a crash left between create and rename (a
+    /// temporary pack is up to 32 MiB) that no live writer owns (see
+    /// `fsutil::sweep_stale`); returns how many went. Done at open and at
+    /// the start of every backup, so a process that keeps the repository
+    /// open (an agent, the collector) does not wait for a restart.
+    pub fn sweep_temporaries(&self) -> usize {
+        crate::fsutil::sweep_stale(&self.root.join("tmp"), crate::fsutil::STALE_TMP, false)
+            + crate::fsutil::sweep_stale(
+                &self.root.join("snapshots"),
+                crate::fsutil::STALE_TMP,
+                true,
+            )
     }
 
     /// Catalogue every snapshot file that has no catalog row: what a crash

@@ -82,7 +82,7 @@ impl DirStore {
 
 impl PackStore for DirStore {
     fn create_temp(&self) -> Result<TempPack> {
-        let path = fsutil::tmp_name(&self.tmp.join("pack"));
+        let path = fsutil::tmp_pack_path(&self.tmp);
         let opened = crate::direct::create_new(&path, self.direct_writes);
         let (file, direct) = opened.map_err(|e| Error::io("creating temporary pack", &path, e))?;
         Ok(TempPack { file, path, direct })
