@@ -58,6 +58,15 @@ pub(crate) const TMP_NAME_KEEP: usize = 200;
 /// that a name near the 255-byte limit (or a non-UTF-8 one) still fits.
 pub fn tmp_name(path: &Path) -> std::path::PathBuf {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    let mut tmp = vec![b'.'];
+    tmp.extend_from_slice(&name[..name.len().min(TMP_NAME_KEEP)]);
+    tmp.extend_from_slice(format!(".tmp-{}", random_hex()).as_bytes());
+    path.with_file_name(std::ffi::OsString::from_vec(tmp))
+}
+
+/// 16 random lowercase hex digits for a temporary name.
+fn random_hex() -> String {
     let mut rnd = [0u8; 8];
     if crate::crypto::fill_random(&mut rnd).is_err() {
         // Unique enough within one process without randomness.
@@ -67,11 +76,7 @@ pub fn tmp_name(path: &Path) -> std::path::PathBuf {
             .unwrap_or(0);
         rnd = n.to_le_bytes();
     }
-    let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-    let mut tmp = vec![b'.'];
-    tmp.extend_from_slice(&name[..name.len().min(TMP_NAME_KEEP)]);
-    tmp.extend_from_slice(format!(".tmp-{}", crate::id::hex_encode(&rnd)).as_bytes());
-    path.with_file_name(std::ffi::OsString::from_vec(tmp))
+    crate::id::hex_encode(&rnd)
 }
 
 /// Open flags that ask for direct I/O (`O_DIRECT`: writes bypass the page
@@ -105,19 +110,7 @@ pub const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(24 * 3
 /// once, instead of after [`STALE_TMP`] (a kill -9 mid-backup leaves up to
 /// a pack per writer thread, 32 MiB each).
 pub fn tmp_pack_path(tmp_dir: &Path) -> std::path::PathBuf {
-    let mut rnd = [0u8; 8];
-    if crate::crypto::fill_random(&mut rnd).is_err() {
-        let n = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        rnd = n.to_le_bytes();
-    }
-    tmp_dir.join(format!(
-        "pack-{}-{}",
-        std::process::id(),
-        crate::id::hex_encode(&rnd)
-    ))
+    tmp_dir.join(format!("pack-{}-{}", std::process::id(), random_hex()))
 }
 
 /// The writer's process id in a [`tmp_pack_path`] name.
