@@ -150,7 +150,7 @@ pub async fn run(
             tokio::time::sleep(CRL_REFRESH).await;
             // Temporary packs an ingest left when a collector was killed.
             let _ = refresh_ctx
-                .blocking(|c| Ok(c.repo.sweep_temporaries()))
+                .blocking(|c| Ok(c.repo.sweep_temporary_packs()))
                 .await;
             let c = refresh_ctx.clone();
             if let Err(e) = refresh_ctx.blocking(move |_| c.publish_crl()).await {

@@ -121,23 +121,21 @@ impl Repository {
             tree_spans: SpanCache::default(),
             _lock: lock,
         };
-        repo.sweep_temporaries();
+        // Snapshot temporaries (small) at open only; packs also later.
+        crate::fsutil::sweep_stale(&root.join("snapshots"), crate::fsutil::STALE_TMP, true);
+        repo.sweep_temporary_packs();
         repo.adopt_snapshot_files()?;
         Ok(repo)
     }
 
-    /// Delete the temporaries a crash left between create and rename (a
-    /// temporary pack is up to 32 MiB) that no live writer owns (see
+    /// Delete the temporary packs (up to 32 MiB each) a crash left in
+    /// `tmp/` between create and rename that no live writer owns (see
     /// `fsutil::sweep_stale`); returns how many went. Done at open and at
     /// the start of every backup, so a process that keeps the repository
-    /// open (an agent, the collector) does not wait for a restart.
-    pub fn sweep_temporaries(&self) -> usize {
+    /// open (an agent, the collector) does not wait for a restart. One
+    /// directory listing of what is normally an empty directory.
+    pub fn sweep_temporary_packs(&self) -> usize {
         crate::fsutil::sweep_stale(&self.root.join("tmp"), crate::fsutil::STALE_TMP, false)
-            + crate::fsutil::sweep_stale(
-                &self.root.join("snapshots"),
-                crate::fsutil::STALE_TMP,
-                true,
-            )
     }
 
     /// Catalogue every snapshot file that has no catalog row: what a crash

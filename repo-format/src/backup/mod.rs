@@ -263,7 +263,7 @@ impl<'r> Shared<'r> {
 /// backup goes on; the snapshot is then partial ([`Snapshot::is_partial`]).
 pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Result<BackupOutcome> {
     let started = Instant::now();
-    repo.sweep_temporaries();
+    repo.sweep_temporary_packs();
     let time_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
