@@ -332,87 +332,70 @@ pub const PATHS_PER_SNAPSHOT: usize = 20;
 /// For each damaged id, the (snapshot, path) pairs that reference it: every
 /// snapshot that does, with at most [`PATHS_PER_SNAPSHOT`] paths each.
 ///
-/// First, which trees lead to a damaged id at all, memoised per distinct
-/// tree: snapshots of one source share most of their trees, and a tree
-/// naming one subtree many times costs one visit. Then each snapshot is
-/// walked into those trees only, for the paths. So the work grows with the
-/// distinct trees plus the paths listed, not with snapshots times files.
+/// What lies below each distinct tree (per damaged id, its first paths
+/// relative to that tree) is worked out once and memoised: snapshots of one
+/// source share most of their trees, and a tree naming one subtree many
+/// times costs one visit. So the work grows with the distinct trees plus
+/// the paths listed, not with snapshots times files.
 fn find_users(
     repo: &Repository,
     snaps: &[(Id, crate::snapshot::Snapshot)],
     bad: &BTreeMap<Id, String>,
 ) -> Result<BTreeMap<Id, Vec<(Id, String)>>> {
-    let mut leads: HashMap<Id, bool> = HashMap::new();
-    for (_, snap) in snaps {
-        leads_to_bad(repo, bad, snap.tree, &mut leads);
-    }
+    let mut memo: HashMap<Id, Option<Below>> = HashMap::new();
     let mut out: BTreeMap<Id, Vec<(Id, String)>> = BTreeMap::new();
     for (sid, snap) in snaps {
-        // Paths listed in this snapshot, per damaged id.
-        let mut listed: HashMap<Id, usize> = HashMap::new();
-        let mut note = |id: Id, path: &str| {
-            let n = listed.entry(id).or_default();
-            let v = out.entry(id).or_default();
-            if *n < PATHS_PER_SNAPSHOT && v.last().is_none_or(|(s, p)| s != sid || p != path) {
-                *n += 1;
-                v.push((*sid, path.to_string()));
-            }
-        };
         if bad.contains_key(&snap.tree) {
-            note(snap.tree, "/");
+            out.entry(snap.tree)
+                .or_default()
+                .push((*sid, "/".to_string()));
         }
-        // A tree is walked at most PATHS_PER_SNAPSHOT times per snapshot:
-        // that many visits list that many uses of anything below it, and one
-        // subtree named at every level cannot make the walk exponential.
-        let mut visits: HashMap<Id, usize> = HashMap::new();
-        let mut stack = vec![(snap.tree, String::new())];
-        while let Some((t, prefix)) = stack.pop() {
-            if !leads.get(&t).copied().unwrap_or(false) {
-                continue;
-            }
-            let n = visits.entry(t).or_default();
-            if *n >= PATHS_PER_SNAPSHOT {
-                continue;
-            }
-            *n += 1;
-            let Ok(entries) = repo.read_tree(&t) else {
-                continue;
-            };
-            for e in entries {
-                let path = format!("{prefix}/{}", String::from_utf8_lossy(&e.name));
-                if e.kind == EntryKind::Dir
-                    && let Some(s) = e.subtree
-                {
-                    if bad.contains_key(&s) {
-                        note(s, &path);
-                    }
-                    stack.push((s, path.clone()));
-                }
-                for c in &e.chunks {
-                    if bad.contains_key(c) {
-                        note(*c, &path);
-                    }
-                }
+        damaged_below(repo, bad, snap.tree, &mut memo);
+        if let Some(Some(below)) = memo.get(&snap.tree) {
+            for (id, paths) in below {
+                let v = out.entry(*id).or_default();
+                v.extend(paths.iter().map(|p| (*sid, p.clone())));
             }
         }
     }
     Ok(out)
 }
 
-/// Whether `root`'s subtree names a damaged id (a subtree or a chunk), for
-/// `root` and every tree below it, into `leads`. Depth-first with an
-/// explicit stack, each distinct tree read once; a tree that cannot be
-/// read leads nowhere further (it is damaged itself, and named so).
-fn leads_to_bad(
+/// Per damaged id below a tree, its first [`PATHS_PER_SNAPSHOT`] paths
+/// relative to the tree ("/dir/file").
+type Below = BTreeMap<Id, Vec<String>>;
+
+/// Add `path` to `id`'s paths in `below`, unless there are enough already
+/// or it was the last one added (one file naming one chunk twice).
+fn note_path(below: &mut Below, id: Id, path: &str) {
+    let v = below.entry(id).or_default();
+    if v.len() < PATHS_PER_SNAPSHOT && v.last().is_none_or(|p| p != path) {
+        v.push(path.to_string());
+    }
+}
+
+/// Fill `memo` for `root` and every tree below it: `None` when the tree
+/// leads to no damaged id, otherwise what it leads to and where.
+/// Post-order with an explicit stack, each distinct tree read once; a tree
+/// that cannot be read leads nowhere further (it is damaged itself, and
+/// named so), and a tree met again while still open (a cycle) is not
+/// followed.
+fn damaged_below(
     repo: &Repository,
     bad: &BTreeMap<Id, String>,
     root: Id,
-    leads: &mut HashMap<Id, bool>,
+    memo: &mut HashMap<Id, Option<Below>>,
 ) {
+    /// An entry that matters here: its path, the damaged ids it names
+    /// itself, and its subtree.
+    struct Named {
+        path: String,
+        bad: Vec<Id>,
+        sub: Option<Id>,
+    }
     enum Visit {
         Enter(Id),
-        /// The tree names a damaged id itself; its subtrees.
-        Leave(Id, bool, Vec<Id>),
+        Leave(Id, Vec<Named>),
     }
     // Entered, not yet left: met again, it would be a cycle.
     let mut open: HashSet<Id> = HashSet::new();
@@ -420,33 +403,58 @@ fn leads_to_bad(
     while let Some(v) = stack.pop() {
         match v {
             Visit::Enter(t) => {
-                if leads.contains_key(&t) || !open.insert(t) {
+                if memo.contains_key(&t) || !open.insert(t) {
                     continue;
                 }
                 let Ok(entries) = repo.read_tree(&t) else {
                     open.remove(&t);
-                    leads.insert(t, false);
+                    memo.insert(t, None);
                     continue;
                 };
-                let mut direct = false;
-                let mut subs = Vec::new();
-                for e in &entries {
-                    direct |= e.chunks.iter().any(|c| bad.contains_key(c));
-                    if e.kind == EntryKind::Dir
-                        && let Some(s) = e.subtree
-                    {
-                        direct |= bad.contains_key(&s);
-                        subs.push(s);
+                let mut named = Vec::new();
+                for e in entries {
+                    let sub = e.subtree.filter(|_| e.kind == EntryKind::Dir);
+                    let mut ids: Vec<Id> = e
+                        .chunks
+                        .iter()
+                        .filter(|c| bad.contains_key(c))
+                        .copied()
+                        .collect();
+                    if let Some(s) = sub.filter(|s| bad.contains_key(s)) {
+                        ids.push(s);
+                    }
+                    if sub.is_some() || !ids.is_empty() {
+                        let path = format!("/{}", String::from_utf8_lossy(&e.name));
+                        named.push(Named {
+                            path,
+                            bad: ids,
+                            sub,
+                        });
                     }
                 }
-                let enter: Vec<Visit> = subs.iter().map(|s| Visit::Enter(*s)).collect();
-                stack.push(Visit::Leave(t, direct, subs));
+                let enter: Vec<Visit> = named
+                    .iter()
+                    .filter_map(|n| n.sub.map(Visit::Enter))
+                    .collect();
+                stack.push(Visit::Leave(t, named));
                 stack.extend(enter);
             }
-            Visit::Leave(t, direct, subs) => {
-                let any = direct || subs.iter().any(|s| leads.get(s).copied().unwrap_or(false));
+            Visit::Leave(t, named) => {
+                let mut below = Below::new();
+                for n in &named {
+                    for id in &n.bad {
+                        note_path(&mut below, *id, &n.path);
+                    }
+                    if let Some(Some(sub)) = n.sub.and_then(|s| memo.get(&s)) {
+                        for (id, paths) in sub {
+                            for p in paths {
+                                note_path(&mut below, *id, &format!("{}{p}", n.path));
+                            }
+                        }
+                    }
+                }
                 open.remove(&t);
-                leads.insert(t, any);
+                memo.insert(t, (!below.is_empty()).then_some(below));
             }
         }
     }
