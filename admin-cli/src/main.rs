@@ -49,7 +49,9 @@ enum Command {
         json: bool,
     },
     /// A row per site: agents, online, last snapshot; then per source its
-    /// recovery point (oldest change not yet committed, bytes pending).
+    /// recovery point (oldest change not yet committed, bytes pending);
+    /// then the last scrub and the next scheduled one. `--json` prints
+    /// `{"sites": [...], "scrub": {...}}`.
     Status {
         #[arg(long)]
         json: bool,

@@ -924,6 +924,10 @@ fn a_scheduled_scrub_sets_a_damaged_pack_aside_and_status_tells() {
     assert_eq!(last["trigger"], "admin", "{last}");
     assert_eq!(last["damaged"], 0, "{last}");
     assert!(c.ok(&["status"]).contains("(admin, "), "status");
+    let status: serde_json::Value =
+        serde_json::from_str(&c.ok(&["status", "--json"])).expect("status --json");
+    assert_eq!(status["scrub"]["last"]["trigger"], "admin", "{status}");
+    assert_eq!(status["scrub"]["last"]["damaged"], 0, "{status}");
     let o = c.hubvault(&["scrub", "--limit", "fast"]);
     assert!(!o.status.success());
     assert!(

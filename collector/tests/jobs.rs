@@ -296,9 +296,9 @@ fn prune_dry_run_lists_and_prune_forgets() {
     assert_eq!(again["forgotten"], 0);
 
     // The status lists the source's recovery point with its last snapshot.
-    let status: Vec<serde_json::Value> =
+    let status: serde_json::Value =
         serde_json::from_str(&c.ok(&["status", "--json"])).expect("json");
-    let rpo = status[0]["rpo"].as_array().expect("rpo");
+    let rpo = status["sites"][0]["rpo"].as_array().expect("rpo");
     assert!(
         rpo.iter().any(|r| r["agent"] == id.as_str()
             && r["source"] == "docs"

@@ -395,7 +395,11 @@ pub(crate) fn status(remote: &Remote, json: bool) -> Result<ExitCode> {
                     "last_snapshot_ns": s.last_snapshot_ns, "rpo": rpo})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let scrub = resp.scrub.as_ref().map(scrub_json);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"sites": v, "scrub": scrub}))?
+        );
     } else {
         let now = now_ns();
         println!(
@@ -457,6 +461,18 @@ pub(crate) fn status(remote: &Remote, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The scrub schedule and last run as `scrub-schedule --json` and
+/// `status --json` print them.
+fn scrub_json(info: &pb::ScrubScheduleInfo) -> serde_json::Value {
+    let last = info.last.as_ref().map(|r| {
+        serde_json::json!({"started_ns": r.started_ns, "finished_ns": r.finished_ns,
+            "dry_run": r.dry_run, "trigger": r.trigger, "packs_checked": r.packs_checked,
+            "bytes_checked": r.bytes_checked, "damaged": r.damaged, "error": r.error})
+    });
+    serde_json::json!({"schedule": info.schedule, "bytes_per_sec": info.bytes_per_sec,
+        "next_ns": info.next_ns, "running": info.running, "last": last})
 }
 
 /// One line on the scrubs: the last one, and the schedule.
@@ -554,17 +570,7 @@ pub(crate) fn scrub_schedule(
     };
     let info = scrub_schedule_call(remote, req, "reading or setting the scrub schedule")?;
     if json {
-        let last = info.last.as_ref().map(|r| {
-            serde_json::json!({"started_ns": r.started_ns, "finished_ns": r.finished_ns,
-                "dry_run": r.dry_run, "trigger": r.trigger, "packs_checked": r.packs_checked,
-                "bytes_checked": r.bytes_checked, "damaged": r.damaged, "error": r.error})
-        });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "schedule": info.schedule, "bytes_per_sec": info.bytes_per_sec,
-                "next_ns": info.next_ns, "running": info.running, "last": last}))?
-        );
+        println!("{}", serde_json::to_string_pretty(&scrub_json(&info))?);
     } else {
         println!("{}", scrub_line(&info));
     }
