@@ -323,79 +323,12 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let r = req.into_inner();
         convert::protocol(r.protocol).map_err(ServiceError::from)?;
         let ids = convert::ids("ids", &r.ids).map_err(ServiceError::from)?;
-        // Bounded per agent and per stream (see `reads`): what a stream has
-        // read waits here with its share of `queued`, given back as the
-        // transport takes each blob.
+        // Bounded per agent, per stream and in total (see `reads`).
         let slot = self.ctx.reads.open(&agent_id)?;
-        let queued = Arc::new(tokio::sync::Semaphore::new(reads::STREAM_BYTES));
-        type Held = (pb::BlobData, tokio::sync::OwnedSemaphorePermit);
-        let (tx, rx) = mpsc::channel::<Result<Held, Status>>(64);
-        let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut next = 0;
-            while next < ids.len() {
-                let chunk = ids[next..ids.len().min(next + 64)].to_vec();
-                let site = site.clone();
-                let res = ctx
-                    .blocking(move |c| {
-                        let raw: Vec<Vec<u8>> = chunk.iter().map(|i| i.0.to_vec()).collect();
-                        let held = c.state.site_has(&site, &raw)?;
-                        let mut out = Vec::new();
-                        let mut bytes = 0usize;
-                        for (id, held) in chunk.into_iter().zip(held) {
-                            if bytes >= reads::STEP_BYTES {
-                                break; // the rest in the next step
-                            }
-                            // Same answer for "another site's" and "nowhere": no oracle.
-                            if !held {
-                                return Err(ServiceError::NotFound(format!("blob {id}")));
-                            }
-                            // Held but not catalogued: set aside by a scrub (the
-                            // site may know it is gone), or dropped by a prune.
-                            let Some(loc) = c.repo.catalog()?.lookup(&id)? else {
-                                // Only a blob the site holds gets here: telling it
-                                // the collector lost it is no oracle.
-                                return Err(if c.state.was_lost(&id.0)? {
-                                    crate::scrub::lost_blob(&id)
-                                } else {
-                                    ServiceError::NotFound(format!("blob {id}"))
-                                });
-                            };
-                            let mut sealed = vec![0u8; loc.length as usize];
-                            c.repo.store().read_at(&loc.pack, loc.offset, &mut sealed)?;
-                            bytes += sealed.len();
-                            out.push(pb::BlobData {
-                                id: id.0.to_vec(),
-                                kind: loc.kind as u32,
-                                sealed,
-                            });
-                        }
-                        Ok(out)
-                    })
-                    .await;
-                match res {
-                    Ok(list) => {
-                        next += list.len();
-                        for b in list {
-                            let n = b.sealed.len().clamp(1, reads::STREAM_BYTES) as u32;
-                            let Ok(room) = queued.clone().acquire_many_owned(n).await else {
-                                return;
-                            };
-                            if tx.send(Ok((b, room))).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                }
-            }
-        });
-        // The permit goes when the transport takes the blob.
-        let out = ReceiverStream::new(rx).map(|r| r.map(|(blob, _room)| blob));
+        let rx = reads::serve(self.ctx.clone(), self.ctx.reads.clone(), slot, site, ids);
+        // A batch's room goes when the transport has taken its last blob.
+        let out =
+            ReceiverStream::new(rx).map(|r| r.map(|(blob, _room)| blob).map_err(Status::from));
         Ok(Response::new(Box::pin(out)))
     }
 
