@@ -500,17 +500,27 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let ctx = self.ctx.clone();
-        tokio::task::spawn_blocking(move || {
+        // Progress is dropped while the client is behind; the report is
+        // sent by an async task, so a client that stopped reading holds no
+        // blocking thread once the scrub is over.
+        let progress_tx = tx.clone();
+        let scrubbing = tokio::task::spawn_blocking(move || {
             let mut progress = |p: &pb::ScrubProgress| {
-                let _ = tx.try_send(Ok(p.clone()));
+                let _ = progress_tx.try_send(Ok(p.clone()));
             };
-            let last = crate::scrub::scrub(&ctx, opts, &mut progress)
-                .map(|report| pb::ScrubProgress {
-                    report: Some(report),
-                    ..Default::default()
-                })
-                .map_err(Status::from);
-            let _ = tx.blocking_send(last);
+            crate::scrub::scrub(&ctx, opts, &mut progress)
+        });
+        tokio::spawn(async move {
+            let last = match scrubbing.await {
+                Ok(res) => res
+                    .map(|report| pb::ScrubProgress {
+                        report: Some(report),
+                        ..Default::default()
+                    })
+                    .map_err(Status::from),
+                Err(e) => Err(Status::internal(format!("scrub task failed: {e}"))),
+            };
+            let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
