@@ -306,4 +306,103 @@ mod tests {
         assert_eq!(serial_to_u64(&[0, 0x03, 0xe9]), Some(1001));
         assert_eq!(serial_to_u64(&[1; 9]), None);
     }
+
+    /// A CSR as an enrolling agent sends it.
+    fn csr() -> (Vec<u8>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let csr = CertificateParams::new(vec!["agent".to_string()])
+            .expect("params")
+            .serialize_request(&key)
+            .expect("csr");
+        (csr.der().to_vec(), key.der_bytes().to_vec())
+    }
+
+    /// Where a DER CSR's CertificationRequestInfo lies: the first element
+    /// of the outer SEQUENCE, header included.
+    fn signed_part(der: &[u8]) -> std::ops::Range<usize> {
+        let header = |at: usize| -> (usize, usize) {
+            let first = der[at + 1];
+            if first < 0x80 {
+                (2, usize::from(first))
+            } else {
+                let n = usize::from(first & 0x7f);
+                let len = der[at + 2..at + 2 + n]
+                    .iter()
+                    .fold(0usize, |acc, &b| acc << 8 | usize::from(b));
+                (2 + n, len)
+            }
+        };
+        let (outer, _) = header(0);
+        let (hl, len) = header(outer);
+        outer..outer + hl + len
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Enrollment parses a CSR from whoever holds a token (RELIABILITY.md
+        /// scenarios 13 and 23). The key certified is always the key that
+        /// signed the request: a change to any byte of what the signature
+        /// covers (the CertificationRequestInfo), or to the signature, is
+        /// refused. The parser tolerates changed tags in the unsigned
+        /// envelope (the outer SEQUENCE, the algorithm identifier, the
+        /// BIT STRING), which change nothing the collector uses.
+        #[test]
+        fn a_changed_csr_is_refused_or_gives_the_signing_key(
+            at in any::<usize>(),
+            mask in 1u8..=255,
+        ) {
+            let (der, public) = csr();
+            let mut bad = der.clone();
+            let at = at % bad.len();
+            bad[at] ^= mask;
+            if let Ok(key) = Pki::csr_public_key(&bad) {
+                prop_assert!(!signed_part(&der).contains(&at), "signed byte {at} ^ {mask:#x} accepted");
+                prop_assert_eq!(key.der_bytes(), &public[..]);
+            }
+        }
+
+        /// Random bytes and truncated CSRs are refused without a panic.
+        #[test]
+        fn random_and_truncated_csrs_are_refused(
+            noise in prop::collection::vec(any::<u8>(), 0..600),
+            cut in any::<usize>(),
+        ) {
+            prop_assert!(Pki::csr_public_key(&noise).is_err());
+            let (der, _) = csr();
+            prop_assert!(Pki::csr_public_key(&der[..cut % der.len()]).is_err());
+        }
+
+        /// Whatever a certificate's URI SAN holds, the role read from it is
+        /// the one that writes back to exactly that URI, or none.
+        #[test]
+        fn roles_parse_only_what_they_write(uri in "(urn:hubvault:)?((agent|admin)(:[a-z:]{0,6}){0,3})?") {
+            if let Some(role) = Role::from_uri(&uri) {
+                prop_assert_eq!(role.uri(), uri);
+            }
+        }
+
+        /// Serials of any length: at most 8 significant bytes read back.
+        #[test]
+        fn serials_of_any_bytes(raw in prop::collection::vec(any::<u8>(), 0..12)) {
+            let significant = raw.iter().skip_while(|&&b| b == 0).count();
+            match serial_to_u64(&raw) {
+                Some(v) => {
+                    prop_assert!(significant <= 8);
+                    let back = v.to_be_bytes();
+                    prop_assert!(raw.ends_with(&back[8 - significant..]));
+                }
+                None => prop_assert!(significant > 8),
+            }
+        }
+    }
+
+    #[test]
+    fn an_unchanged_csr_gives_the_signing_key() {
+        let (der, public) = csr();
+        let key = Pki::csr_public_key(&der).expect("valid CSR");
+        assert_eq!(key.der_bytes(), &public[..]);
+    }
 }
