@@ -252,6 +252,20 @@ fn pack_in(dir: &Path, meta: &KeySet) -> (DirStore, Id, Vec<u8>) {
     (store, fp.name, bytes)
 }
 
+/// The pack [`a_changed_pack_is_caught_by_its_trailer_or_its_checksum`]
+/// changes: written (and fsynced) once, its file overwritten by each case.
+#[allow(clippy::type_complexity)]
+fn changed_pack() -> &'static (tempfile::TempDir, KeySet, DirStore, Id, Vec<u8>) {
+    static PACK: std::sync::OnceLock<(tempfile::TempDir, KeySet, DirStore, Id, Vec<u8>)> =
+        std::sync::OnceLock::new();
+    PACK.get_or_init(|| {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let meta = KeySet::random().expect("keys");
+        let (store, name, valid) = pack_in(tmp.path(), &meta);
+        (tmp, meta, store, name, valid)
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -262,14 +276,11 @@ proptest! {
     /// way nothing is believed, and nothing is allocated out of proportion.
     #[test]
     fn a_changed_pack_is_caught_by_its_trailer_or_its_checksum(m in mutation()) {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let meta = KeySet::random().expect("keys");
-        let (store, name, valid) = pack_in(tmp.path(), &meta);
-        let Some(bad) = mutate(&valid, &m) else { return Ok(()); };
-        std::fs::write(store.path_of(&name), &bad).expect("write");
-        let trailer = read_trailer(&store, &name, &meta);
-        if trailer.is_ok() {
-            prop_assert!(verify_checksum(&store, &name).is_err(), "{m:?} went unnoticed");
+        let (_tmp, meta, store, name, valid) = changed_pack();
+        let Some(bad) = mutate(valid, &m) else { return Ok(()); };
+        std::fs::write(store.path_of(name), &bad).expect("write");
+        if read_trailer(store, name, meta).is_ok() {
+            prop_assert!(verify_checksum(store, name).is_err(), "{m:?} went unnoticed");
         }
     }
 }
