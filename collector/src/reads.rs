@@ -72,7 +72,8 @@ impl Default for ReadSlots {
 impl ReadSlots {
     /// Read slots whose streams share `total_bytes` of room.
     pub fn with_total(total_bytes: usize) -> Self {
-        let total_bytes = total_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        // Room is taken in u32 units (tokio's `acquire_many`).
+        let total_bytes = total_bytes.clamp(1, u32::MAX as usize);
         ReadSlots {
             agents: Mutex::default(),
             total: Arc::new(Semaphore::new(total_bytes)),
