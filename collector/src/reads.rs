@@ -146,19 +146,21 @@ pub struct Room {
 pub type Held = (pb::BlobData, Arc<Room>);
 
 /// Read the blobs `ids` for `site` in order into the returned channel, on
-/// a task that holds `slot` until it ends. The caller has checked nothing:
+/// a task that holds `slot` until it ends; batches take room in the total
+/// of the slots `slot` came from. The caller has checked nothing:
 /// a blob the site does not hold ends the stream with NOT_FOUND (the same
 /// answer for "another site's" and "nowhere": no oracle), one it holds
 /// that a scrub set aside with DATA_LOSS.
 pub fn serve(
     ctx: Arc<Ctx>,
-    slots: Arc<ReadSlots>,
     slot: ReadSlot,
     site: String,
     ids: Vec<Id>,
 ) -> mpsc::Receiver<Result<Held, ServiceError>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
+        // The slot is held until the task ends; its slots share the total room.
+        let slots = slot.slots.clone();
         let _slot = slot;
         let stream = Arc::new(Semaphore::new(STREAM_BYTES));
         for group in ids.chunks(LOOKUP_IDS) {
@@ -313,7 +315,7 @@ mod tests {
         let slots = Arc::new(ReadSlots::with_total(3 * MIB));
         let open = |agent: &str, ids: &[Id]| {
             let slot = slots.open(agent).expect("slot");
-            serve(ctx.clone(), slots.clone(), slot, "s".into(), ids.to_vec())
+            serve(ctx.clone(), slot, "s".into(), ids.to_vec())
         };
         let mut a = open("a1", &ids[..2]);
         let first = a.recv().await.expect("a blob").expect("read");

@@ -325,7 +325,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let ids = convert::ids("ids", &r.ids).map_err(ServiceError::from)?;
         // Bounded per agent, per stream and in total (see `reads`).
         let slot = self.ctx.reads.open(&agent_id)?;
-        let rx = reads::serve(self.ctx.clone(), self.ctx.reads.clone(), slot, site, ids);
+        let rx = reads::serve(self.ctx.clone(), slot, site, ids);
         // A batch's room goes when the transport has taken its last blob.
         let out =
             ReceiverStream::new(rx).map(|r| r.map(|(blob, _room)| blob).map_err(Status::from));
